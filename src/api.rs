@@ -256,7 +256,11 @@ pub struct RolloutSpec {
 
 impl Default for RolloutSpec {
     fn default() -> Self {
-        Self { strategy: Strategy::default(), max_surge: default_max_surge(), drain_timeout_seconds: default_drain_timeout() }
+        Self {
+            strategy: Strategy::default(),
+            max_surge: default_max_surge(),
+            drain_timeout_seconds: default_drain_timeout(),
+        }
     }
 }
 

@@ -50,7 +50,11 @@ pub fn check(preset: Preset, limits: &Limits, custom: Option<&CustomArguments>) 
 }
 
 /// The arguments appended to the consumer's command.
-pub fn render(preset: Preset, limits: &ResolvedLimits, custom: Option<&CustomArguments>) -> Result<Vec<String>, LimitError> {
+pub fn render(
+    preset: Preset,
+    limits: &ResolvedLimits,
+    custom: Option<&CustomArguments>,
+) -> Result<Vec<String>, LimitError> {
     let mut args = Vec::new();
     let mib = limits.memory_bytes.map(|b| (b >> 20).max(1));
     match preset {
@@ -143,7 +147,12 @@ mod tests {
     use super::*;
 
     fn all() -> ResolvedLimits {
-        ResolvedLimits { messages: Some(100), time_limit_seconds: Some(3600), memory_bytes: Some(128 << 20), failures: Some(5) }
+        ResolvedLimits {
+            messages: Some(100),
+            time_limit_seconds: Some(3600),
+            memory_bytes: Some(128 << 20),
+            failures: Some(5),
+        }
     }
 
     #[test]
@@ -157,7 +166,10 @@ mod tests {
     #[test]
     fn laravel_renders_queue_work_options() {
         let limits = ResolvedLimits { failures: None, ..all() };
-        assert_eq!(render(Preset::Laravel, &limits, None).unwrap(), ["--max-jobs=100", "--max-time=3600", "--memory=128"]);
+        assert_eq!(
+            render(Preset::Laravel, &limits, None).unwrap(),
+            ["--max-jobs=100", "--max-time=3600", "--memory=128"]
+        );
     }
 
     #[test]

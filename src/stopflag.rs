@@ -102,7 +102,12 @@ impl StopFlag {
 
 fn names(value: Option<&String>) -> BTreeSet<String> {
     value
-        .map(|v| v.split(|c: char| c == '\n' || c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(str::to_string).collect())
+        .map(|v| {
+            v.split(|c: char| c == '\n' || c == ',' || c.is_whitespace())
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -149,7 +154,8 @@ mod tests {
 
     #[test]
     fn drained_pod_retires() {
-        let flag = StopFlag { revision: Some("r1".into()), drain: ["emails-abc".to_string()].into(), ..Default::default() };
+        let flag =
+            StopFlag { revision: Some("r1".into()), drain: ["emails-abc".to_string()].into(), ..Default::default() };
         assert_eq!(flag.verdict(&me(), ts("2026-01-01T00:00:00Z")), Verdict::Retire);
     }
 

@@ -116,7 +116,8 @@ pub fn install(destination: &std::path::Path) -> anyhow::Result<()> {
     if let Some(dir) = destination.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::copy(&me, destination).with_context(|| format!("copying {} to {}", me.display(), destination.display()))?;
+    std::fs::copy(&me, destination)
+        .with_context(|| format!("copying {} to {}", me.display(), destination.display()))?;
     std::fs::set_permissions(destination, std::fs::Permissions::from_mode(0o755))?;
     Ok(())
 }
