@@ -4,6 +4,8 @@
 pub mod agent;
 pub mod api;
 pub mod controller;
+pub mod leader;
 pub mod limits;
+pub mod metrics;
 pub mod stopflag;
 pub mod telemetry;

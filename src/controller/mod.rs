@@ -26,6 +26,8 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use crate::api::{FIELD_MANAGER, WorkerPool, WorkerPoolStatus, condition, labels};
+use crate::leader;
+use crate::metrics::{Health, Metrics, PoolLabels, ResultLabels, WorkerLabels};
 use crate::stopflag::StopFlag;
 use plan::{DeleteReason, Phase, Plan, Settings, WorkerPod};
 
@@ -35,8 +37,20 @@ pub struct ControllerArgs {
     #[arg(long, env = "WORKERPOOL_AGENT_IMAGE", default_value = "workerpool-operator:dev")]
     pub agent_image: String,
     /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "WORKERPOOL_NAMESPACE")]
+    #[arg(long, env = "WORKERPOOL_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Address for /metrics, /healthz and /readyz; empty to disable.
+    #[arg(long, env = "WORKERPOOL_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: String,
+    /// Run only while holding a Lease, so several replicas can run (one reconciles).
+    #[arg(long, env = "WORKERPOOL_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the leader Lease (default: the pod's namespace, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "workerpool-operator-leader")]
+    pub lease_name: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -61,6 +75,7 @@ pub struct Context {
     pub client: Client,
     pub agent_image: String,
     pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
     /// Crash back-off for replacing Failed pods, per pool (`namespace/name`).
     backoff: Mutex<HashMap<String, FailureBackoff>>,
 }
@@ -72,9 +87,15 @@ struct FailureBackoff {
 }
 
 impl Context {
-    pub fn new(client: Client, agent_image: String) -> Self {
+    pub fn new(client: Client, agent_image: String, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, agent_image, backoff: Mutex::default() }
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            agent_image,
+            metrics,
+            backoff: Mutex::default(),
+        }
     }
 
     fn blocked_until(&self, key: &str) -> Option<Timestamp> {
@@ -101,22 +122,83 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     if let Err(e) = pools.list(&ListParams::default().limit(1)).await {
         anyhow::bail!("cannot list WorkerPools ({e}); is the CRD installed? `kubectl apply -f crds/`");
     }
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    if !args.metrics_addr.is_empty() {
+        let address =
+            args.metrics_addr.parse().map_err(|e| anyhow::anyhow!("--metrics-addr {:?}: {e}", args.metrics_addr))?;
+        let (metrics, health) = (metrics.clone(), health.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(address, metrics, health).await {
+                warn!("metrics server on {address} stopped: {e}");
+            }
+        });
+    }
+    health.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ctx = Arc::new(Context::new(client.clone(), args.agent_image.clone(), metrics.clone()));
+
+    if !args.leader_elect {
+        run_controller(pools, &args, ctx).await;
+        return Ok(());
+    }
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("workerpool-{}", std::process::id()));
+    let elector = leader::Elector::new(client.clone(), &args.lease_namespace, &args.lease_name, identity);
+    info!(lease = %args.lease_name, "waiting to become the leader");
+    tokio::select! {
+        _ = elector.acquire() => {}
+        _ = shutdown_signal() => return Ok(()),
+    }
+    metrics.leader.set(1);
+    tokio::select! {
+        _ = run_controller(pools, &args, ctx) => {
+            elector.release().await;
+            Ok(())
+        }
+        // Losing the lease stops every write at once (the controller future is dropped); the
+        // process exits so that its pod restarts as a candidate.
+        _ = elector.hold() => anyhow::bail!("lost the leader lease; stopping"),
+    }
+}
+
+async fn run_controller(pools: Api<WorkerPool>, args: &ControllerArgs, ctx: Arc<Context>) {
+    let client = ctx.client.clone();
     let owned = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE));
-    let ctx = Arc::new(Context::new(client.clone(), args.agent_image.clone()));
     info!(agent_image = %args.agent_image, namespace = args.namespace.as_deref().unwrap_or("<all>"), "controller started");
-    Controller::new(pools, watcher::Config::default())
+    let controller = Controller::new(pools, watcher::Config::default());
+    let store = controller.store();
+    let metrics = ctx.metrics.clone();
+    controller
         .owns(scoped::<Pod>(&client, args.namespace.as_deref()), owned.clone())
         .owns(scoped::<ConfigMap>(&client, args.namespace.as_deref()), owned)
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!("reconcile failed: {e}");
+        .run(reconcile_measured, error_policy, ctx)
+        .for_each(|result| {
+            metrics.pools.set(store.state().len() as i64);
+            async move {
+                if let Err(e) = result {
+                    warn!("reconcile failed: {e}");
+                }
             }
         })
         .await;
     info!("controller stopped");
-    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn reconcile_measured(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile(pool, ctx.clone()).await;
+    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    let label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics.reconciles.get_or_create(&ResultLabels { result: label.into() }).inc();
+    result
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -223,6 +305,8 @@ async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action, E
         ctx.healthy(&key);
     }
 
+    record_pool_metrics(&ctx, &namespace, &name, &plan);
+
     // Status.
     let new_status = status::build(
         status::Outcome::Planned { plan: &plan, settings: &settings },
@@ -236,6 +320,10 @@ async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action, E
         && !was_complete
         && pool.status.as_ref().is_some_and(|s| s.update_revision.is_some())
     {
+        if let Some(since) = find_condition(pool.status.as_ref(), condition::PROGRESSING).filter(|c| c.status == "True")
+        {
+            ctx.metrics.rollout_duration.observe(now.duration_since(since.last_transition_time.0).as_secs_f64());
+        }
         let note = format!("all {} workers run revision {revision}", settings.replicas);
         publish(&ctx, &reference, EventType::Normal, "RolloutComplete", "Rollout", note, None).await;
     }
@@ -277,6 +365,8 @@ async fn apply_pod_actions(
                     pool.spec.rollout.drain_timeout_seconds
                 );
                 warn!(pool = %key, "{note}");
+                let labels = PoolLabels { namespace: namespace.clone(), pool: pool.name_any() };
+                ctx.metrics.drain_timeouts.get_or_create(&labels).inc();
                 publish(ctx, &reference, EventType::Warning, "DrainTimeout", "Delete", note, pod_ref(name)).await;
             }
             DeleteReason::Ended(Phase::Failed) => {
@@ -308,6 +398,15 @@ async fn apply_pod_actions(
         publish(ctx, &reference, EventType::Normal, "WorkersCreated", "Create", note, None).await;
     }
     Ok(())
+}
+
+fn record_pool_metrics(ctx: &Context, namespace: &str, pool: &str, plan: &Plan) {
+    let workers = |state: &str| WorkerLabels { namespace: namespace.into(), pool: pool.into(), state: state.into() };
+    let counts = &plan.counts;
+    ctx.metrics.workers.get_or_create(&workers("running")).set((counts.replicas - counts.draining) as i64);
+    ctx.metrics.workers.get_or_create(&workers("draining")).set(counts.draining as i64);
+    let labels = PoolLabels { namespace: namespace.into(), pool: pool.into() };
+    ctx.metrics.rollouts_in_progress.get_or_create(&labels).set(i64::from(counts.outdated > 0));
 }
 
 /// The pod as the planner sees it.
