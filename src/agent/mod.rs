@@ -3,11 +3,33 @@
 //! It starts the consumer with its limit arguments, restarts it at once after a clean exit,
 //! with back-off after a crash, forwards stop signals to its process group, reaps zombies, and
 //! obeys the pool's stop flag.
+//!
+//! | module | what | pure? |
+//! |---|---|---|
+//! | [`settings`] | the command line checked at startup (bad input: exit 2) | yes |
+//! | [`arguments`] | limit arguments for each start: time-limit jitter, `memory: auto` | yes |
+//! | [`cgroup`] | the container's memory limit (cgroup v2, v1, `WORKERPOOL_MEMORY_LIMIT`) | reads files |
+//! | [`policy`] | exit-code names, crash back-off, counters | yes |
+//! | [`flag`] | the stop flag: API watch, file fallback, one action per request | the gate is |
+//! | [`process`] | spawn in a process group, `waitpid(-1)` reaping, leftovers | no |
+//! | [`supervisor`] | the loop tying them together on a current-thread runtime | no |
+//!
+//! Stops: a stop signal goes to the consumer's whole process group; the agent then waits until
+//! that group is empty (a `sh -c` wrapper may die of the signal before the process doing the work
+//! has finished its message) and exits with the status of the process it started.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::{Preset, StopSignal};
+
+pub mod arguments;
+pub mod cgroup;
+pub mod flag;
+pub mod policy;
+pub mod process;
+pub mod settings;
+pub mod supervisor;
 
 /// Where the controller mounts things in the worker pod.
 pub const BIN_DIR: &str = "/workerpool/bin";
@@ -32,17 +54,18 @@ pub struct AgentArgs {
     /// Exit after N failed messages.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub failures: Option<u32>,
-    /// custom preset: argument template for messages, `{}` is the value.
-    #[arg(long)]
+    /// custom preset: argument template for messages, `{}` is the value (`--messages-arg --max={}`
+    /// works: the templates may start with a hyphen).
+    #[arg(long, allow_hyphen_values = true)]
     pub messages_arg: Option<String>,
     /// custom preset: argument template for the time limit.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub time_limit_arg: Option<String>,
     /// custom preset: argument template for memory (in MiB).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub memory_arg: Option<String>,
     /// custom preset: argument template for failures.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub failures_arg: Option<String>,
     /// The consumer's "finish your message, then exit" signal.
     #[arg(long, default_value = "SIGTERM")]
@@ -62,9 +85,12 @@ pub struct AgentArgs {
     /// A run at least this long resets the back-off.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub healthy_after: Duration,
-    /// After this many crashes in a row the agent exits with the consumer's code.
+    /// After this many crashes in a row the agent exits with the consumer's code (0: never).
     #[arg(long, default_value_t = 10)]
     pub max_consecutive_crashes: u32,
+    /// When the agent exits: how long processes the consumer left behind get between SIGTERM and SIGKILL.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub leftover_grace: Duration,
     /// The pool this worker belongs to (its stop flag is `<pool>-stop-flag`).
     #[arg(long, env = "WORKERPOOL_POOL")]
     pub pool: Option<String>,
@@ -123,6 +149,25 @@ pub fn install(destination: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// Runs the agent until the consumer is retired or the container is stopped; returns its exit code.
-pub fn main(_args: AgentArgs) -> std::process::ExitCode {
-    todo!("agent")
+///
+/// Bad input (what clap cannot check) is reported before anything starts, with exit code 2.
+pub fn main(args: AgentArgs) -> std::process::ExitCode {
+    let settings = match settings::Settings::from_args(args) {
+        Ok(settings) => settings,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(supervisor::run(settings));
+    // The flag watcher may still hold a connection: do not wait for it.
+    runtime.shutdown_background();
+    std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
