@@ -25,6 +25,8 @@ pub mod labels {
 
 /// A pool of queue consumers: one pod per worker, each consumer started with its limit
 /// arguments, restarted at once after a clean exit, and drained gracefully on every rollout.
+// (clippy mistakes the repeated `printcolumn(type_ = ...)` for duplicated attributes)
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "workerpool.dev",

@@ -19,7 +19,7 @@ enum Command {
     /// Run the WorkerPool controller.
     Controller(controller::ControllerArgs),
     /// Supervise a consumer inside a worker pod (PID 1 of the worker container).
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Print the WorkerPool CustomResourceDefinition as YAML.
     Crd,
     /// Ask every worker of a pool to finish its current message and restart in place
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::InstallAgent { destination } => report(agent::install(&destination)),
-        Command::Agent(args) => agent::main(args),
+        Command::Agent(args) => agent::main(*args),
         Command::Controller(args) => report(runtime().block_on(controller::run(args))),
         Command::StopWorkers(args) => report(runtime().block_on(controller::stop_workers(args))),
     }

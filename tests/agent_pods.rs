@@ -12,11 +12,14 @@ use pool::*;
 const MINUTE: Duration = Duration::from_secs(60);
 
 fn restart_count(pod: &Pod) -> i32 {
-    pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).map_or(0, |c| c.iter().map(|c| c.restart_count).sum())
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |c| c.iter().map(|c| c.restart_count).sum())
 }
 
 async fn running(client: &Client, ns: &str, pool: &str, n: usize) -> Vec<Pod> {
-    eventually(3 * MINUTE, &format!("{n} running workers"), || async {
+    common::wait_for(3 * MINUTE, &format!("{n} running workers"), || async {
         let pods: Vec<Pod> = pool_pods(client, ns, pool).await.into_iter().filter(is_running_and_ready).collect();
         (pods.len() == n).then_some(pods)
     })
@@ -58,8 +61,10 @@ async fn stop_workers_restarts_consumers_in_place_after_their_message() {
     let before = running(&client, ns.name(), "emails", 2).await;
     for pod in &before {
         let name = pod.name_any();
-        eventually(MINUTE, "a first message", || async { logs(&client, ns.name(), &name).await.contains("message 1 start").then_some(()) })
-            .await;
+        common::wait_for(MINUTE, "a first message", || async {
+            logs(&client, ns.name(), &name).await.contains("message 1 start").then_some(())
+        })
+        .await;
     }
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_workerpool"))
@@ -71,7 +76,7 @@ async fn stop_workers_restarts_consumers_in_place_after_their_message() {
 
     for pod in &before {
         let name = pod.name_any();
-        let log = eventually(MINUTE, "a second consumer process in the same pod", || async {
+        let log = common::wait_for(MINUTE, "a second consumer process in the same pod", || async {
             let log = logs(&client, ns.name(), &name).await;
             (log.lines().filter(|l| l.starts_with("worker started")).count() >= 2).then_some(log)
         })
@@ -86,7 +91,8 @@ async fn stop_workers_restarts_consumers_in_place_after_their_message() {
     }
     let after = pool_pods(&client, ns.name(), "emails").await;
     for pod in &before {
-        let same = after.iter().find(|p| p.uid() == pod.uid()).unwrap_or_else(|| panic!("{} was replaced", pod.name_any()));
+        let same =
+            after.iter().find(|p| p.uid() == pod.uid()).unwrap_or_else(|| panic!("{} was replaced", pod.name_any()));
         assert_eq!(restart_count(same), 0);
     }
     ns.delete().await;

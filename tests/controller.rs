@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use pool::*;
 use workerpool::api::WorkerPool;
 
@@ -31,10 +31,11 @@ async fn pool_runs_workers_with_limit_arguments_and_follows_scale() {
     }}});
     create_pool(&client, ns.name(), &test_pool("emails", 2, WORKER_V1, 0.5, limits)).await;
 
-    let pods = eventually(2 * MINUTE, "2 running worker pods", || running_pods(&client, ns.name(), "emails", 2)).await;
+    let pods =
+        common::wait_for(2 * MINUTE, "2 running worker pods", || running_pods(&client, ns.name(), "emails", 2)).await;
     for pod in &pods {
         let name = pod.name_any();
-        let line = eventually(MINUTE, "the worker's argv line", || async {
+        let line = common::wait_for(MINUTE, "the worker's argv line", || async {
             logs(&client, ns.name(), &name).await.lines().find(|l| l.starts_with("argv:")).map(str::to_string)
         })
         .await;
@@ -42,13 +43,16 @@ async fn pool_runs_workers_with_limit_arguments_and_follows_scale() {
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.restart_policy.as_deref(), Some("OnFailure"));
     }
-    let pool = eventually(MINUTE, "status with 2 ready workers", || async {
+    let pool = common::wait_for(MINUTE, "status with 2 ready workers", || async {
         let pool = get_pool(&client, ns.name(), "emails").await;
         (pool.status.as_ref().is_some_and(|s| s.ready_replicas == 2) && rollout_complete(&pool)).then_some(pool)
     })
     .await;
     let status = pool.status.unwrap();
-    assert_eq!(status.selector.as_deref(), Some("app.kubernetes.io/managed-by=workerpool-operator,workerpool.dev/pool=emails"));
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("app.kubernetes.io/managed-by=workerpool-operator,workerpool.dev/pool=emails")
+    );
     assert_eq!(status.current_revision, status.update_revision);
 
     // The stop flag exists and carries the revision.
@@ -59,9 +63,10 @@ async fn pool_runs_workers_with_limit_arguments_and_follows_scale() {
     let pools: Api<WorkerPool> = Api::namespaced(client.clone(), ns.name());
     let scale = |n: i32| serde_json::json!({"spec": {"replicas": n}});
     pools.patch_scale("emails", &PatchParams::default(), &Patch::Merge(scale(3))).await.expect("scale up");
-    eventually(2 * MINUTE, "3 running pods after scale up", || running_pods(&client, ns.name(), "emails", 3)).await;
+    common::wait_for(2 * MINUTE, "3 running pods after scale up", || running_pods(&client, ns.name(), "emails", 3))
+        .await;
     pools.patch_scale("emails", &PatchParams::default(), &Patch::Merge(scale(1))).await.expect("scale down");
-    eventually(2 * MINUTE, "1 pod after scale down", || running_pods(&client, ns.name(), "emails", 1)).await;
+    common::wait_for(2 * MINUTE, "1 pod after scale down", || running_pods(&client, ns.name(), "emails", 1)).await;
 
     // A deleted pod is replaced.
     let survivor = pool_pods(&client, ns.name(), "emails").await.into_iter().find(is_running_and_ready).unwrap();
@@ -69,14 +74,14 @@ async fn pool_runs_workers_with_limit_arguments_and_follows_scale() {
         .delete(&survivor.name_any(), &DeleteParams::default())
         .await
         .expect("delete a worker pod");
-    eventually(2 * MINUTE, "a replacement pod", || async {
+    common::wait_for(2 * MINUTE, "a replacement pod", || async {
         let pods = running_pods(&client, ns.name(), "emails", 1).await?;
         (pods[0].uid() != survivor.uid()).then_some(())
     })
     .await;
 
     // At steady state the controller writes nothing.
-    eventually(MINUTE, "a settled status", || async {
+    common::wait_for(MINUTE, "a settled status", || async {
         let pool = get_pool(&client, ns.name(), "emails").await;
         (rollout_complete(&pool) && pool.status.as_ref().is_some_and(|s| s.replicas == 1)).then_some(())
     })
@@ -102,38 +107,52 @@ async fn invalid_spec_gets_a_condition_and_an_event_and_no_pods() {
     let mut broken = test_pool("broken", 2, WORKER_V1, 0.5, serde_json::json!({}));
     broken.spec.template.spec.as_mut().unwrap().containers[0].command = None;
     create_pool(&client, ns.name(), &broken).await;
-    let laravel = test_pool("laravel", 1, WORKER_V1, 0.5, serde_json::json!({"consumer": {"preset": "laravel", "limits": {"failures": 3}}}));
+    let laravel = test_pool(
+        "laravel",
+        1,
+        WORKER_V1,
+        0.5,
+        serde_json::json!({"consumer": {"preset": "laravel", "limits": {"failures": 3}}}),
+    );
     create_pool(&client, ns.name(), &laravel).await;
     // A valid pool beside them still runs: one bad spec never stalls the controller.
     create_pool(&client, ns.name(), &test_pool("fine", 1, WORKER_V1, 0.5, serde_json::json!({}))).await;
 
-    for (name, field) in [("broken", "spec.template.spec.containers[worker].command"), ("laravel", "spec.consumer.limits.failures")] {
-        let (status, reason, message) = eventually(MINUTE, "a Ready=False condition", || async {
+    for (name, field) in
+        [("broken", "spec.template.spec.containers[worker].command"), ("laravel", "spec.consumer.limits.failures")]
+    {
+        let (status, reason, message) = common::wait_for(MINUTE, "a Ready=False condition", || async {
             condition_status(&get_pool(&client, ns.name(), name).await, "Ready").filter(|(s, _, _)| s == "False")
         })
         .await;
         assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
         assert!(message.contains(field), "{name}: {message}");
-        let event = eventually(MINUTE, "a Warning event", || async {
+        let event = common::wait_for(MINUTE, "a Warning event", || async {
             let events: Api<Event> = Api::namespaced(client.clone(), ns.name());
             events.list(&ListParams::default()).await.ok()?.items.into_iter().find(|e| {
-                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.reason.as_deref() == Some("InvalidSpec")
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                    && e.reason.as_deref() == Some("InvalidSpec")
             })
         })
         .await;
         assert_eq!(event.type_.as_deref(), Some("Warning"));
         assert!(event.note.unwrap_or_default().contains(field));
     }
-    eventually(2 * MINUTE, "the valid pool's pod", || running_pods(&client, ns.name(), "fine", 1)).await;
+    common::wait_for(2 * MINUTE, "the valid pool's pod", || running_pods(&client, ns.name(), "fine", 1)).await;
     assert!(pool_pods(&client, ns.name(), "broken").await.is_empty(), "an invalid pool created pods");
     assert!(pool_pods(&client, ns.name(), "laravel").await.is_empty(), "an invalid pool created pods");
 
     // Fixing the spec brings the pool up.
-    patch_spec(&client, ns.name(), "broken", serde_json::json!({"template": {"spec": {"containers": [{
-        "name": "worker", "image": WORKER_V1, "imagePullPolicy": "Never", "command": ["/test-worker"]
-    }]}}}))
+    patch_spec(
+        &client,
+        ns.name(),
+        "broken",
+        serde_json::json!({"template": {"spec": {"containers": [{
+            "name": "worker", "image": WORKER_V1, "imagePullPolicy": "Never", "command": ["/test-worker"]
+        }]}}}),
+    )
     .await;
-    eventually(2 * MINUTE, "the fixed pool's pods", || running_pods(&client, ns.name(), "broken", 2)).await;
+    common::wait_for(2 * MINUTE, "the fixed pool's pods", || running_pods(&client, ns.name(), "broken", 2)).await;
     ns.delete().await;
 }
 
@@ -153,9 +172,11 @@ async fn schema_rejects_bad_input_naming_the_field() {
         ("/spec/rollout/drainTimeoutSeconds", serde_json::json!(0), "spec.rollout.drainTimeoutSeconds"),
     ];
     // Sent as raw JSON: some bad values do not even fit the Rust types.
-    let raw: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns.name(), &ApiResource::erase::<WorkerPool>(&()));
+    let raw: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns.name(), &ApiResource::erase::<WorkerPool>(&()));
     for (i, (pointer, value, field)) in cases.into_iter().enumerate() {
-        let mut body = serde_json::to_value(test_pool(&format!("bad-{i}"), 1, WORKER_V1, 1.0, serde_json::json!({}))).unwrap();
+        let mut body =
+            serde_json::to_value(test_pool(&format!("bad-{i}"), 1, WORKER_V1, 1.0, serde_json::json!({}))).unwrap();
         set(&mut body, pointer, value.clone());
         let object: DynamicObject = serde_json::from_value(body).unwrap();
         let error = raw
@@ -188,12 +209,12 @@ async fn deleting_the_pool_removes_its_pods_and_stop_flag() {
     let ns = common::TestNamespace::create(&client, "gc").await;
     let _controller = ControllerProcess::start(ns.name());
     create_pool(&client, ns.name(), &test_pool("gone", 2, WORKER_V1, 0.5, serde_json::json!({}))).await;
-    eventually(2 * MINUTE, "2 running pods", || running_pods(&client, ns.name(), "gone", 2)).await;
+    common::wait_for(2 * MINUTE, "2 running pods", || running_pods(&client, ns.name(), "gone", 2)).await;
     Api::<WorkerPool>::namespaced(client.clone(), ns.name())
         .delete("gone", &DeleteParams::foreground())
         .await
         .expect("delete the pool");
-    eventually(2 * MINUTE, "the pods and the stop flag to be garbage-collected", || async {
+    common::wait_for(2 * MINUTE, "the pods and the stop flag to be garbage-collected", || async {
         let pods = pool_pods(&client, ns.name(), "gone").await;
         let flag = Api::<ConfigMap>::namespaced(client.clone(), ns.name()).get_opt("gone-stop-flag").await.ok()?;
         (pods.is_empty() && flag.is_none()).then_some(())
@@ -216,5 +237,9 @@ async fn crd_applies_with_client_side_kubectl() {
         .output()
         .expect("run kubectl");
     let text = String::from_utf8_lossy(&explain.stdout);
-    assert!(text.contains("Exit after this many messages"), "kubectl explain: {text}{}", String::from_utf8_lossy(&explain.stderr));
+    assert!(
+        text.contains("Exit after this many messages"),
+        "kubectl explain: {text}{}",
+        String::from_utf8_lossy(&explain.stderr)
+    );
 }

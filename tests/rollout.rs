@@ -17,7 +17,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 /// Waits for `n` running, ready pods that have each started a message; returns their names.
 async fn busy_pods(client: &Client, ns: &str, pool: &str, n: usize) -> Vec<String> {
-    eventually(3 * MINUTE, &format!("{n} busy workers of {pool}"), || async {
+    common::wait_for(3 * MINUTE, &format!("{n} busy workers of {pool}"), || async {
         let pods: Vec<Pod> = pool_pods(client, ns, pool).await.into_iter().filter(is_running_and_ready).collect();
         if pods.len() != n {
             return None;
@@ -41,7 +41,7 @@ fn bump_image(image: &str) -> serde_json::Value {
 }
 
 async fn wait_rollout_complete(client: &Client, ns: &str, name: &str, timeout: Duration) -> WorkerPool {
-    eventually(timeout, "condition RolloutComplete", || async {
+    common::wait_for(timeout, "condition RolloutComplete", || async {
         let pool = get_pool(client, ns, name).await;
         rollout_complete(&pool).then_some(pool)
     })
@@ -50,7 +50,13 @@ async fn wait_rollout_complete(client: &Client, ns: &str, name: &str, timeout: D
 
 async fn events(client: &Client, ns: &str, reason: &str) -> Vec<Event> {
     let api: Api<Event> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default()).await.unwrap().items.into_iter().filter(|e| e.reason.as_deref() == Some(reason)).collect()
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect()
 }
 
 async fn follow_all(client: &Client, ns: &str, pods: &[String]) -> BTreeMap<String, Vec<String>> {
@@ -88,7 +94,11 @@ async fn image_bump_drains_every_worker_after_its_message() {
 
     for (pod, lines) in followers.await.unwrap() {
         assert_no_message_cut(&pod, &lines);
-        assert!(lines.iter().any(|l| l.contains("stopping after current message")), "{pod} did not stop gracefully:\n{}", lines.join("\n"));
+        assert!(
+            lines.iter().any(|l| l.contains("stopping after current message")),
+            "{pod} did not stop gracefully:\n{}",
+            lines.join("\n")
+        );
     }
     let seen = history.snapshot();
     for pod in &old {
@@ -96,7 +106,8 @@ async fn image_bump_drains_every_worker_after_its_message() {
         assert!(record.phases.contains(&"Succeeded".to_string()), "{pod} did not end Succeeded: {record:?}");
         assert!(!record.deleted_while_running, "{pod} was deleted while still working");
     }
-    let current: Vec<Pod> = pool_pods(&client, ns.name(), "emails").await.into_iter().filter(is_running_and_ready).collect();
+    let current: Vec<Pod> =
+        pool_pods(&client, ns.name(), "emails").await.into_iter().filter(is_running_and_ready).collect();
     assert_eq!(current.len(), 3);
     for pod in &current {
         assert_eq!(revision_of(pod), status.update_revision.clone().unwrap());
@@ -124,7 +135,10 @@ async fn drain_timeout_deletes_a_busy_worker_with_an_event() {
     let bumped = std::time::Instant::now();
     patch_spec(&client, ns.name(), "slow", spec).await;
 
-    let event = eventually(MINUTE, "a DrainTimeout event", || async { events(&client, ns.name(), "DrainTimeout").await.pop() }).await;
+    let event = common::wait_for(MINUTE, "a DrainTimeout event", || async {
+        events(&client, ns.name(), "DrainTimeout").await.pop()
+    })
+    .await;
     let waited = bumped.elapsed();
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     let note = event.note.unwrap_or_default();
@@ -132,7 +146,10 @@ async fn drain_timeout_deletes_a_busy_worker_with_an_event() {
     assert!(note.contains("drainTimeoutSeconds: 5"), "{note}");
     assert!(waited >= Duration::from_secs(5), "deleted after {waited:?}, before the drain timeout");
     assert!(waited < Duration::from_secs(50), "deleted after {waited:?}: the 60 s message would have ended by itself");
-    eventually(MINUTE, "the old pod's deletion", || async { history.snapshot()[&old[0]].deleted_while_running.then_some(()) }).await;
+    common::wait_for(MINUTE, "the old pod's deletion", || async {
+        history.snapshot()[&old[0]].deleted_while_running.then_some(())
+    })
+    .await;
     wait_rollout_complete(&client, ns.name(), "slow", 2 * MINUTE).await;
     ns.delete().await;
 }
@@ -156,18 +173,24 @@ async fn recreate_never_runs_two_versions_at_once() {
     wait_rollout_complete(&client, ns.name(), "orders", 3 * MINUTE).await;
 
     let old_logs = followers.await.unwrap();
-    let last_old_end = old_logs.values().flatten().filter(|l| l.contains("message ")).map(|l| line_time(l)).max().unwrap();
-    let new_pods: Vec<Pod> = pool_pods(&client, ns.name(), "orders").await.into_iter().filter(is_running_and_ready).collect();
+    let last_old_end =
+        old_logs.values().flatten().filter(|l| l.contains("message ")).map(|l| line_time(l)).max().unwrap();
+    let new_pods: Vec<Pod> =
+        pool_pods(&client, ns.name(), "orders").await.into_iter().filter(is_running_and_ready).collect();
     assert_eq!(new_pods.len(), 2);
     for pod in new_pods {
         let name = pod.name_any();
-        let first_start = eventually(MINUTE, "a new message", || async {
-            let params = kube::api::LogParams { timestamps: true, container: Some("worker".into()), ..Default::default() };
+        let first_start = common::wait_for(MINUTE, "a new message", || async {
+            let params =
+                kube::api::LogParams { timestamps: true, container: Some("worker".into()), ..Default::default() };
             let text = Api::<Pod>::namespaced(client.clone(), ns.name()).logs(&name, &params).await.ok()?;
             text.lines().find(|l| l.ends_with("message 1 start")).map(line_time)
         })
         .await;
-        assert!(first_start > last_old_end, "{name} started a message at {first_start} before the old workers finished at {last_old_end}");
+        assert!(
+            first_start > last_old_end,
+            "{name} started a message at {first_start} before the old workers finished at {last_old_end}"
+        );
     }
     ns.delete().await;
 }
@@ -218,7 +241,7 @@ async fn rollout_survives_a_controller_crash() {
     let mut spec = bump_image(WORKER_V2);
     spec["template"]["spec"]["containers"][0]["env"][0]["value"] = "4".into();
     patch_spec(&client, ns.name(), "jobs", spec).await;
-    eventually(MINUTE, "the rollout to start draining", || async {
+    common::wait_for(MINUTE, "the rollout to start draining", || async {
         let pool = get_pool(&client, ns.name(), "jobs").await;
         pool.status.as_ref().is_some_and(|s| s.draining_replicas > 0).then_some(())
     })
@@ -271,8 +294,12 @@ async fn scale_in_drains_the_removed_workers() {
         .patch_scale("bulk", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": 2}})))
         .await
         .expect("scale in");
-    eventually(2 * MINUTE, "2 workers left", || async {
-        let left: Vec<Pod> = pool_pods(&client, ns.name(), "bulk").await.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+    common::wait_for(2 * MINUTE, "2 workers left", || async {
+        let left: Vec<Pod> = pool_pods(&client, ns.name(), "bulk")
+            .await
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
         (left.len() == 2 && left.iter().all(is_running_and_ready)).then_some(())
     })
     .await;

@@ -146,11 +146,9 @@ pub fn revision_of(pod: &Pod) -> String {
     pod.labels().get(labels::REVISION).cloned().unwrap_or_default()
 }
 
+/// The worker container's log so far (empty while it cannot be read yet).
 pub async fn logs(client: &Client, namespace: &str, pod: &str) -> String {
-    Api::<Pod>::namespaced(client.clone(), namespace)
-        .logs(pod, &LogParams { container: Some("worker".into()), ..Default::default() })
-        .await
-        .unwrap_or_default()
+    crate::common::try_pod_logs(client, namespace, pod, Some("worker")).await.unwrap_or_default()
 }
 
 pub fn condition_status(pool: &WorkerPool, type_: &str) -> Option<(String, String, String)> {
@@ -166,24 +164,6 @@ pub fn condition_status(pool: &WorkerPool, type_: &str) -> Option<(String, Strin
 pub fn rollout_complete(pool: &WorkerPool) -> bool {
     pool.status.as_ref().is_some_and(|s| s.observed_generation == pool.metadata.generation)
         && condition_status(pool, "RolloutComplete").is_some_and(|(s, _, _)| s == "True")
-}
-
-/// Polls `check` every 250 ms until it returns Some, or panics after `timeout` saying what was awaited.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Everything the tests want to know about the pods of a namespace over time, from a watch.

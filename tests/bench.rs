@@ -1,0 +1,282 @@
+//! Benchmarks on the local cluster (`make bench`): printed figures, not assertions.
+//! Run with `cargo test --test bench -- --ignored --nocapture --test-threads=1`.
+
+mod common;
+mod pool;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use pool::*;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut samples: Vec<f64>, unit: &str) {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{name}: n={} median={:.3}{unit} p99={:.3}{unit} min={:.3}{unit} max={:.3}{unit}",
+        samples.len(),
+        percentile(&samples, 50.0),
+        percentile(&samples, 99.0),
+        samples.first().copied().unwrap_or(f64::NAN),
+        samples.last().copied().unwrap_or(f64::NAN),
+    );
+}
+
+/// When the bench itself first saw each revision in the stop flag (over its own API watch).
+fn watch_flag_revisions(client: &Client, ns: &str, name: &str) -> Arc<Mutex<BTreeMap<String, Timestamp>>> {
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let mut events = watcher(api, config).applied_objects().boxed();
+        while let Some(Ok(cm)) = events.next().await {
+            if let Some(revision) = cm.data.unwrap_or_default().get("revision") {
+                record.lock().unwrap().entry(revision.clone()).or_insert_with(Timestamp::now);
+            }
+        }
+    });
+    seen
+}
+
+/// A consumer that reports its stop signal the moment it arrives (busybox `wait` is interruptible).
+fn signal_reporter(env_value: &str) -> serde_json::Value {
+    serde_json::json!({"template": {"spec": {"containers": [{
+        "name": "worker", "image": WORKER_V1, "imagePullPolicy": "Never",
+        "command": ["/bin/sh", "-c", "trap 'echo stop-signal; exit 0' TERM; echo ready; while :; do sleep 1 & wait $!; done"],
+        "env": [{"name": "BENCH_ROUND", "value": env_value}],
+    }]}}})
+}
+
+/// Stop flag written → consumer receives its stop signal, over 20 rollouts, beside the
+/// ConfigMap-volume path (a pod that polls the same flag mounted as a file) in the same run.
+#[tokio::test]
+#[ignore = "benchmark: make bench"]
+async fn drain_signal_latency() {
+    let client = common::client().await;
+    install_crd(&client).await;
+    let ns = common::TestNamespace::create(&client, "bench-signal").await;
+    let _controller = ControllerProcess::start(ns.name());
+    let flag_seen = watch_flag_revisions(&client, ns.name(), "bench-stop-flag");
+    let mut pool = test_pool("bench", 2, WORKER_V1, 1.0, serde_json::json!({}));
+    pool.spec.template = serde_json::from_value(signal_reporter("0")["template"].clone()).unwrap();
+    create_pool(&client, ns.name(), &pool).await;
+
+    // The volume path: a pod reading the same flag from a ConfigMap volume, printing each change.
+    let volume_pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "volume-reader"},
+        "spec": {
+            "containers": [{"name": "worker", "image": WORKER_V1, "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", "last=; while :; do r=$(cat /flag/revision 2>/dev/null); if [ \"$r\" != \"$last\" ]; then echo \"revision $r\"; last=$r; fi; sleep 0.1; done"],
+                "volumeMounts": [{"name": "flag", "mountPath": "/flag"}]}],
+            "volumes": [{"name": "flag", "configMap": {"name": "bench-stop-flag", "optional": true}}]
+        }
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), ns.name()).create(&PostParams::default(), &volume_pod).await.unwrap();
+
+    let mut latencies = Vec::new();
+    let rounds = 20;
+    for round in 1..=rounds {
+        let old: Vec<String> = common::wait_for(2 * MINUTE, "2 ready workers", || async {
+            let pods: Vec<Pod> =
+                pool_pods(&client, ns.name(), "bench").await.into_iter().filter(is_running_and_ready).collect();
+            let all = pool_pods(&client, ns.name(), "bench").await.len();
+            let mut ready = Vec::new();
+            for p in &pods {
+                if logs(&client, ns.name(), &p.name_any()).await.contains("ready") {
+                    ready.push(p.name_any());
+                }
+            }
+            (ready.len() == 2 && all == 2).then_some(ready)
+        })
+        .await;
+        let followers: Vec<_> = old.iter().map(|p| follow_logs(&client, ns.name(), p)).collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        patch_spec(&client, ns.name(), "bench", signal_reporter(&round.to_string())).await;
+        let new_revision = common::wait_for(MINUTE, "the new revision", || async {
+            let pool = get_pool(&client, ns.name(), "bench").await;
+            let status = pool.status?;
+            (status.observed_generation == pool.metadata.generation).then_some(status.update_revision?)
+        })
+        .await;
+        for follower in followers {
+            let lines = tokio::time::timeout(MINUTE, follower).await.expect("old worker exits").unwrap();
+            let written = common::wait_for(MINUTE, "the flag write", || async {
+                flag_seen.lock().unwrap().get(&new_revision).copied()
+            })
+            .await;
+            if let Some(line) = lines.iter().find(|l| l.ends_with("stop-signal")) {
+                latencies.push(line_time(line).duration_since(written).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    summary(&format!("drain signal latency over the API watch ({rounds} rollouts x 2 workers)"), latencies, " ms");
+
+    // Whatever the volume reader saw by now, against when the flag was written.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let params = kube::api::LogParams { timestamps: true, ..Default::default() };
+    let text =
+        Api::<Pod>::namespaced(client.clone(), ns.name()).logs("volume-reader", &params).await.unwrap_or_default();
+    let written = flag_seen.lock().unwrap().clone();
+    let volume: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            let revision = l.rsplit_once("revision ")?.1.trim();
+            let at = written.get(revision)?;
+            Some(line_time(l).duration_since(*at).as_secs_f64())
+        })
+        .filter(|s| *s > 0.0)
+        .collect();
+    summary("the same flag through a ConfigMap volume (changes the reader saw)", volume, " s");
+    ns.delete().await;
+}
+
+/// Rollout overhead for a pool of 10: rollout duration minus the longest in-flight message's
+/// remaining time.
+#[tokio::test]
+#[ignore = "benchmark: make bench"]
+async fn rollout_overhead_pool_of_ten() {
+    let client = common::client().await;
+    install_crd(&client).await;
+    let ns = common::TestNamespace::create(&client, "bench-rollout").await;
+    let _controller = ControllerProcess::start(ns.name());
+    create_pool(&client, ns.name(), &test_pool("ten", 10, WORKER_V1, 8.0, serde_json::json!({}))).await;
+    let old: Vec<String> = common::wait_for(3 * MINUTE, "10 busy workers", || async {
+        let pods: Vec<Pod> =
+            pool_pods(&client, ns.name(), "ten").await.into_iter().filter(is_running_and_ready).collect();
+        if pods.len() != 10 {
+            return None;
+        }
+        for p in &pods {
+            if !logs(&client, ns.name(), &p.name_any()).await.contains("message 1 start") {
+                return None;
+            }
+        }
+        Some(pods.iter().map(|p| p.name_any()).collect())
+    })
+    .await;
+    let followers: Vec<_> = old.iter().map(|p| follow_logs(&client, ns.name(), p)).collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let bumped = Timestamp::now();
+    patch_spec(
+        &client,
+        ns.name(),
+        "ten",
+        serde_json::json!({"template": {"spec": {"containers": [{
+            "name": "worker", "image": WORKER_V2, "imagePullPolicy": "Never", "command": ["/test-worker"],
+            "env": [{"name": "MESSAGE_SECONDS", "value": "8"}],
+        }]}}}),
+    )
+    .await;
+    common::wait_for(5 * MINUTE, "RolloutComplete", || async {
+        rollout_complete(&get_pool(&client, ns.name(), "ten").await).then_some(())
+    })
+    .await;
+    let done = Timestamp::now();
+    let mut last_message_end = bumped;
+    for follower in followers {
+        let lines = follower.await.unwrap();
+        if let Some(end) =
+            lines.iter().filter(|l| l.contains("message ") && l.ends_with(" end")).map(|l| line_time(l)).max()
+        {
+            last_message_end = last_message_end.max(end);
+        }
+    }
+    // Pod start time of the new workers, for the "plus pod start" part of the target.
+    let pods = pool_pods(&client, ns.name(), "ten").await;
+    let mut starts: Vec<f64> = pods
+        .iter()
+        .filter_map(|p| {
+            let created = p.metadata.creation_timestamp.as_ref()?.0;
+            let ready = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "Ready")?
+                .last_transition_time
+                .as_ref()?
+                .0;
+            Some(ready.duration_since(created).as_secs_f64())
+        })
+        .collect();
+    starts.sort_by(|a, b| a.total_cmp(b));
+    let duration = done.duration_since(bumped).as_secs_f64();
+    let in_flight = last_message_end.duration_since(bumped).as_secs_f64();
+    println!(
+        "rollout of 10 workers: {duration:.1} s in all; the longest in-flight message needed {in_flight:.1} s more; \
+         overhead {:.1} s (pod start median {:.1} s, max {:.1} s)",
+        duration - in_flight,
+        percentile(&starts, 50.0),
+        starts.last().copied().unwrap_or(f64::NAN)
+    );
+    ns.delete().await;
+}
+
+/// The share of a minute a 1-second worker (`--limit=1`) spends working: under the agent vs.
+/// under a plain Deployment (CrashLoopBackOff), side by side in one run.
+#[tokio::test]
+#[ignore = "benchmark: make bench"]
+async fn clean_exit_worker_agent_vs_deployment() {
+    let client = common::client().await;
+    install_crd(&client).await;
+    let ns = common::TestNamespace::create(&client, "bench-recycle").await;
+    let _controller = ControllerProcess::start(ns.name());
+    let limits = serde_json::json!({"consumer": {"limits": {"messages": 1}}});
+    create_pool(&client, ns.name(), &test_pool("agent", 1, WORKER_V1, 1.0, limits)).await;
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "plain"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "plain"}},
+            "template": {"metadata": {"labels": {"app": "plain"}}, "spec": {"containers": [{
+                "name": "worker", "image": WORKER_V1, "imagePullPolicy": "Never",
+                "command": ["/test-worker", "--limit=1"], "env": [{"name": "MESSAGE_SECONDS", "value": "1"}],
+            }]}}
+        }
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(client.clone(), ns.name()).create(&PostParams::default(), &deployment).await.unwrap();
+    let window = Duration::from_secs(120);
+    tokio::time::sleep(window).await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let agent_pod = pool_pods(&client, ns.name(), "agent").await.remove(0);
+    let agent_runs = logs(&client, ns.name(), &agent_pod.name_any())
+        .await
+        .lines()
+        .filter(|l| l.starts_with("worker started"))
+        .count();
+    let plain = pods.list(&kube::api::ListParams::default().labels("app=plain")).await.unwrap().items.remove(0);
+    let status = plain.status.unwrap().container_statuses.unwrap().remove(0);
+    let plain_runs = status.restart_count as usize + 1;
+    let secs = window.as_secs_f64();
+    println!(
+        "1-second worker over {secs:.0} s: agent {agent_runs} runs ({:.0} % working, restartCount {}), \
+         Deployment {plain_runs} runs ({:.0} % working, state {:?})",
+        100.0 * agent_runs as f64 / secs,
+        agent_pod.status.and_then(|s| s.container_statuses).map_or(0, |c| c[0].restart_count),
+        100.0 * plain_runs as f64 / secs,
+        status.state.and_then(|s| s.waiting).and_then(|w| w.reason),
+    );
+    ns.delete().await;
+}
