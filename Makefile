@@ -1,0 +1,60 @@
+# workerpool-operator: build, lint and test, with a local Kubernetes cluster (hack/cluster.sh)
+# that needs no Docker. `make help` lists the targets.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+# the local cluster's state directory (hack/cluster.sh reads WP_STATE too)
+WP_STATE ?= /tmp/workerpool-cluster
+export WP_STATE
+KUBECONFIG_LOCAL := $(WP_STATE)/kubeconfig
+
+.PHONY: help build crds lint tools unit integration test images cluster-up cluster-down cluster-status bench demo
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+
+build: ## cargo build
+	$(CARGO) build
+
+crds: ## regenerate crds/workerpool.yaml from the Rust types
+	$(CARGO) run -q -- crd > crds/workerpool.yaml.tmp
+	mv -f crds/workerpool.yaml.tmp crds/workerpool.yaml
+
+tools: ## make sure rustfmt and clippy are installed
+	@for c in rustfmt clippy; do \
+	  rustup component list --installed 2>/dev/null | grep -q "^$$c" || rustup component add $$c; \
+	done
+
+lint: tools ## cargo fmt --check and cargo clippy (warnings are errors)
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+unit: ## unit tests (no cluster needed)
+	$(CARGO) test --lib --bins
+
+integration: ## integration tests against the running local cluster (make cluster-up images)
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test '*' -- --test-threads=2
+
+test: unit ## unit tests, then images + integration tests on the local cluster (started and stopped if it was not up)
+	hack/with-cluster.sh $(MAKE) --no-print-directory images integration
+
+images: ## build the images and import them into the running cluster
+	hack/images.sh
+
+cluster-up: ## start the local cluster (installs packages and builds Kubernetes the first time)
+	hack/cluster.sh up
+
+cluster-down: ## stop the local cluster and remove everything it left
+	hack/cluster.sh down
+
+cluster-status: ## is the local cluster up and healthy?
+	hack/cluster.sh status
+
+bench: ## benchmarks (hack/bench.sh)
+	@if [ -x hack/bench.sh ]; then hack/bench.sh; else echo "no hack/bench.sh yet: nothing to run"; fi
+
+demo: ## local cluster, images, the CRD; see hack/demo.sh
+	hack/demo.sh
