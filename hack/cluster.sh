@@ -44,7 +44,8 @@ NODE_IP=10.244.0.1
 # which cluster (state directory) owns the network namespace $NS; see check_foreign
 OWNER_DIR=/run/workerpool-cluster
 OWNER=$OWNER_DIR/$NS
-LOCK=$STATE.lock
+# one cluster per machine, so `up` and `down` take one machine-wide lock (kept in the cache)
+LOCK=$CACHE/.cluster.lock
 KC=$STATE/kubeconfig          # for the host: https://127.0.0.1:$HOST_PORT
 KC_INNER=$STATE/kubeconfig.inner  # for the components inside the namespace
 TASKS=$STATE/containerd/state/io.containerd.runtime.v2.task
@@ -58,7 +59,8 @@ else
   CGROOT=/sys/fs/cgroup/pids              # cgroup v1: the pids hierarchy tracks our processes
   KUBEPODS_CGROUPS=(/sys/fs/cgroup/*/kubepods)
 fi
-TRACK_CG=$CGROOT/$NS-cluster
+# the cgroup holding every process of this cluster, named after its state directory
+TRACK_CG=$CGROOT/workerpool-cluster.$(printf %s "$STATE" | sha256sum | cut -c1-12)
 
 log() { echo "[cluster] $*" >&2; }
 warn() { echo "[cluster] WARNING: $*" >&2; }
@@ -68,13 +70,15 @@ kubectl_() { kubectl --kubeconfig="$KC" --request-timeout=5s "$@"; }
 # ---------------------------------------------------------------------------------------------
 # processes
 
-# start time of a process (clock ticks since boot): with the pid it names one process for good
+# start time of a live process (clock ticks since boot): with the pid it names one process for
+# good. Fails for a zombie (killed, not yet reaped by its parent: here PID 1, which takes seconds).
 starttime() {
   local s
   s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
   s=${s##*) }
   # shellcheck disable=SC2086
   set -- $s
+  [ "$1" != Z ] || return 1
   echo "${20}"
 }
 
@@ -201,7 +205,7 @@ netns_is_ours() { [ "$(owner)" = "$STATE" ]; }
 # Refuse to start next to another cluster of this kind: kubelets manage the machine-wide
 # kubepods cgroups and /var/log/pods, so two of them would kill each other's containers.
 check_foreign() {
-  local ours pid comm cmd found=""
+  local ours pid comm cmd found="" other=""
   ours=" $(our_pids | tr '\n' ' ') "
   local netns_ino=""
   netns_exists && netns_ino=$(stat -L -c %i "/run/netns/$NS" 2>/dev/null || true)
@@ -216,13 +220,12 @@ check_foreign() {
     local in_ns=""
     if [ -n "$netns_ino" ] && [ "$(readlink "$d/ns/net" 2>/dev/null)" = "net:[$netns_ino]" ]; then in_ns=1; fi
     if [ "$comm" = kubelet ] || [ -n "$in_ns" ]; then
-      cmd=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null | cut -c1-200)
-      found+=$'\n'"    pid $pid: $cmd"
+      cmd=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)
+      found+=$'\n'"    pid $pid: ${cmd:0:160}"
+      if [[ $cmd =~ --root-dir=([^ ]*)/kubelet ]]; then other=${BASH_REMATCH[1]}; fi
     fi
   done
   if [ -n "$found" ]; then
-    local other
-    other=$(grep -o -- '--root-dir=[^ ]*' <<<"$found" | head -1 | sed 's#--root-dir=##; s#/kubelet$##' || true)
     die "another local cluster is running on this machine (only one kubelet can run: they share the machine's cgroups):$found
   Its state directory seems to be: ${other:-unknown}
   Stop it first (a cluster of this script: WP_STATE=${other:-<its state dir>} $0 down; other scripts: their own 'down'), or use that cluster."
@@ -298,7 +301,7 @@ wait_until() {
   local comps=()
   while [ "$1" != -- ]; do comps+=("$1"); shift; done
   shift
-  local deadline=$((SECONDS + timeout)) c
+  local deadline=$((SECONDS + timeout)) c t0=${EPOCHREALTIME/./}
   until "$@" >/dev/null 2>&1; do
     for c in "${comps[@]}"; do
       component_pid "$c" >/dev/null || fail "$c" "$c exited while waiting for $what"
@@ -306,6 +309,8 @@ wait_until() {
     [ $SECONDS -lt $deadline ] || fail "${comps[0]}" "timed out after ${timeout}s waiting for $what"
     sleep 0.3
   done
+  local us=$((${EPOCHREALTIME/./} - t0))
+  [ "${WP_VERBOSE:-}" != 1 ] || log "$((us / 1000000)).$((us / 100000 % 10))s waiting for $what"
 }
 
 api_ready() {
@@ -314,7 +319,8 @@ api_ready() {
 }
 containerd_ready() { timeout 5 ctr --address "$STATE/containerd.sock" version; }
 node_is_ready() { [ "$(node_ready)" = True ]; }
-default_sa_exists() { kubectl_ -n default get serviceaccount default; }
+# before 1.24, pods are refused until the service account's token secret exists
+default_sa_exists() { [ -n "$(kubectl_ -n default get serviceaccount default -o jsonpath='{.secrets[0].name}')" ]; }
 proxy_synced() {
   nsenter --net="/run/netns/$NS" iptables -w 5 -t nat -S KUBE-SERVICES 2>/dev/null | grep -q 'default/kubernetes:https'
 }
@@ -435,16 +441,7 @@ EOF
   ctr --address "$STATE/containerd.sock" -n k8s.io images import "$pause" >/dev/null \
     || fail containerd "could not import the pause image into containerd"
 
-  wait_until 60 "the API server to be ready" apiserver etcd -- api_ready
-  write_kubeconfig "$KC" "https://127.0.0.1:$HOST_PORT" "$token" "$STATE/certs/apiserver.crt"
-  start controller-manager "$BIN/kube-controller-manager" --kubeconfig="$KC_INNER" \
-    --authentication-kubeconfig="$KC_INNER" --authorization-kubeconfig="$KC_INNER" \
-    --service-account-private-key-file="$STATE/certs/sa.key" --root-ca-file="$STATE/certs/apiserver.crt" \
-    --leader-elect=false --bind-address=127.0.0.1 --secure-port=10257 --controllers='*,-nodeipam' \
-    --flex-volume-plugin-dir="$STATE/controller-manager/flexvolume"
-  start scheduler "$BIN/kube-scheduler" --kubeconfig="$KC_INNER" --authentication-kubeconfig="$KC_INNER" \
-    --authorization-kubeconfig="$KC_INNER" --leader-elect=false --bind-address=127.0.0.1 --secure-port=10259 --port=0
-
+  # the kubelet takes seconds to initialise and retries until the API server answers: start it now
   cat > "$STATE/kubelet-config.yaml" <<EOF
 kind: KubeletConfiguration
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -463,10 +460,22 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 resolvConf: /etc/resolv.conf
 volumePluginDir: $STATE/kubelet/volume-plugins
+# the node turns Ready at the first status update after the kubelet's first sync (default every 10s)
+nodeStatusUpdateFrequency: 2s
 EOF
   start kubelet "$BIN/kubelet" --config="$STATE/kubelet-config.yaml" --kubeconfig="$KC_INNER" \
     --container-runtime=remote --container-runtime-endpoint="unix://$STATE/containerd.sock" \
     --root-dir="$STATE/kubelet" --cert-dir="$STATE/kubelet/pki" --hostname-override=$NODE --node-ip=$NODE_IP
+  wait_until 60 "the API server to be ready" apiserver etcd -- api_ready
+  write_kubeconfig "$KC" "https://127.0.0.1:$HOST_PORT" "$token" "$STATE/certs/apiserver.crt"
+  start controller-manager "$BIN/kube-controller-manager" --kubeconfig="$KC_INNER" \
+    --authentication-kubeconfig="$KC_INNER" --authorization-kubeconfig="$KC_INNER" \
+    --service-account-private-key-file="$STATE/certs/sa.key" --root-ca-file="$STATE/certs/apiserver.crt" \
+    --leader-elect=false --bind-address=127.0.0.1 --secure-port=10257 --controllers='*,-nodeipam' \
+    --flex-volume-plugin-dir="$STATE/controller-manager/flexvolume"
+  start scheduler "$BIN/kube-scheduler" --kubeconfig="$KC_INNER" --authentication-kubeconfig="$KC_INNER" \
+    --authorization-kubeconfig="$KC_INNER" --leader-elect=false --bind-address=127.0.0.1 --secure-port=10259 --port=0
+
   start kube-proxy "$BIN/kube-proxy" --kubeconfig="$KC_INNER" --cluster-cidr=10.244.0.0/24 \
     --hostname-override=$NODE --proxy-mode=iptables --conntrack-max-per-core=0 \
     --metrics-bind-address=127.0.0.1:10249 --healthz-bind-address=127.0.0.1:10256
@@ -480,7 +489,7 @@ EOF
 
   wait_until 20 "the API server on 127.0.0.1:$HOST_PORT (socat)" socat apiserver -- kubectl_ get --raw /readyz
   wait_until 90 "node $NODE to be Ready" kubelet containerd apiserver -- node_is_ready
-  wait_until 60 "the default service account" controller-manager apiserver -- default_sa_exists
+  wait_until 60 "the default service account and its token" controller-manager apiserver -- default_sa_exists
   wait_until 30 "kube-proxy to program the kubernetes service" kube-proxy -- proxy_synced
   touch "$STATE/ready"
   trap - EXIT INT TERM
@@ -524,6 +533,7 @@ EOF
 # down
 
 take_lock() {
+  mkdir -p "$CACHE"
   exec 9>"$LOCK"
   flock -w 300 9 || die "another '$0' holds $LOCK (waited 5 minutes)"
 }
@@ -562,7 +572,7 @@ stop_components() {
     kill_pids TERM "${pids[@]}"
     for _ in $(seq 1 30); do
       local alive=()
-      for pid in "${pids[@]}"; do [ -d "/proc/$pid" ] && alive+=("$pid"); done
+      for pid in "${pids[@]}"; do starttime "$pid" >/dev/null && alive+=("$pid"); done
       [ ${#alive[@]} -eq 0 ] && break
       sleep 0.1
     done
