@@ -115,6 +115,7 @@ start() {
   setsid bash -c 'echo $$ > "$1/cgroup.procs" 2>/dev/null || true; ns=$2; shift 2; exec nsenter --net="$ns" "$@"' \
     start "$TRACK_CG" "/run/netns/$NS" "$@" >"$STATE/$name.log" 2>&1 </dev/null 8>&- 9>&- &
   local pid=$!
+  disown "$pid"   # no "Killed" job notices from this shell when `down` ends it
   echo "$pid $name $(starttime "$pid")" >> "$STATE/pids"
 }
 
@@ -217,6 +218,7 @@ check_foreign() {
       *) continue ;;
     esac
     [[ $ours == *" $pid "* ]] && continue
+    starttime "$pid" >/dev/null || continue   # gone, or a zombie
     local in_ns=""
     if [ -n "$netns_ino" ] && [ "$(readlink "$d/ns/net" 2>/dev/null)" = "net:[$netns_ino]" ]; then in_ns=1; fi
     if [ "$comm" = kubelet ] || [ -n "$in_ns" ]; then
@@ -438,7 +440,7 @@ EOF
   wait_until 30 "containerd to answer on $STATE/containerd.sock" containerd -- containerd_ready
   local pause
   pause=$(pause_tar) || fail containerd "could not build the pause image"
-  ctr --address "$STATE/containerd.sock" -n k8s.io images import "$pause" >/dev/null \
+  timeout 120 ctr --address "$STATE/containerd.sock" -n k8s.io images import "$pause" >/dev/null \
     || fail containerd "could not import the pause image into containerd"
 
   # the kubelet takes seconds to initialise and retries until the API server answers: start it now
@@ -486,6 +488,7 @@ EOF
     socat "TCP-LISTEN:$HOST_PORT,bind=127.0.0.1,fork,reuseaddr" \
     EXEC:"nsenter --net=/run/netns/$NS socat STDIO TCP\:127.0.0.1\:6443" >"$STATE/socat.log" 2>&1 </dev/null 8>&- 9>&- &
   echo "$! socat $(starttime $!)" >> "$STATE/pids"
+  disown $!
 
   wait_until 20 "the API server on 127.0.0.1:$HOST_PORT (socat)" socat apiserver -- kubectl_ get --raw /readyz
   wait_until 90 "node $NODE to be Ready" kubelet containerd apiserver -- node_is_ready
@@ -722,7 +725,7 @@ load_image() {
   local tar=${1:?usage: $0 load-image TAR}
   [ -f "$tar" ] || die "no such file: $tar"
   require_up
-  ctr --address "$STATE/containerd.sock" -n k8s.io images import "$tar" >/dev/null \
+  timeout 300 ctr --address "$STATE/containerd.sock" -n k8s.io images import "$tar" >/dev/null \
     || die "importing $tar into the node failed (containerd log: $STATE/containerd.log)"
 }
 

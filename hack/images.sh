@@ -114,7 +114,7 @@ fi
 for tar in "$OUT/operator.tar" "$OUT/test-worker.tar"; do
   "$HACK/cluster.sh" load-image "$tar"
 done
-present=$("$HACK/cluster.sh" ctr images ls -q)
+present=$(timeout 60 "$HACK/cluster.sh" ctr images ls -q) || die "cannot list the images in the node"
 for ref in $OPERATOR_REF $WORKER_REF $WORKER_REF2; do
   grep -qx "docker.io/library/$ref" <<<"$present" || die "$ref is not in the node after the import"
 done
