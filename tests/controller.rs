@@ -232,14 +232,15 @@ async fn crd_applies_with_client_side_kubectl() {
         .output()
         .expect("run kubectl");
     assert!(out.status.success(), "kubectl apply -f crds/ failed: {}", String::from_utf8_lossy(&out.stderr));
-    let explain = std::process::Command::new("kubectl")
-        .args(["--kubeconfig", &kubeconfig, "explain", "workerpool.spec.consumer.limits"])
-        .output()
-        .expect("run kubectl");
-    let text = String::from_utf8_lossy(&explain.stdout);
-    assert!(
-        text.contains("Exit after this many messages"),
-        "kubectl explain: {text}{}",
-        String::from_utf8_lossy(&explain.stderr)
-    );
+    // The API server publishes a new CRD's OpenAPI schema a few seconds after it is established.
+    let text = common::wait_for(Duration::from_secs(60), "kubectl explain to describe the limits", || async {
+        let explain = std::process::Command::new("kubectl")
+            .args(["--kubeconfig", &kubeconfig, "explain", "workerpool.spec.consumer.limits"])
+            .output()
+            .expect("run kubectl");
+        let text = String::from_utf8_lossy(&explain.stdout).to_string();
+        text.contains("Exit after this many messages").then_some(text)
+    })
+    .await;
+    assert!(text.contains("timeLimitSeconds"), "{text}");
 }
