@@ -36,7 +36,7 @@ unit: ## unit tests (no cluster needed)
 	$(CARGO) test --lib --bins
 
 integration: ## integration tests against the running local cluster (make cluster-up images)
-	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test '*' -- --test-threads=2
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --no-fail-fast --test '*' -- --test-threads=2
 
 test: unit ## unit tests, then images + integration tests on the local cluster (started and stopped if it was not up)
 	hack/with-cluster.sh $(MAKE) --no-print-directory images integration

@@ -83,7 +83,10 @@ starttime() {
 }
 
 # same_process PID START: the process recorded as (PID, START) is still running
-same_process() { [ -n "$1" ] && [ "$(starttime "$1" 2>/dev/null)" = "$2" ]; }
+same_process() {
+  local t
+  [ -n "$1" ] && t=$(starttime "$1") && [ "$t" = "$2" ]
+}
 
 # the recorded pid of a component, if it is still running
 component_pid() {
@@ -132,7 +135,7 @@ install_packages() {
   for p in "${want[@]}"; do grep -qx "$p" <<<"$installed" || missing+=("$p"); done
   [ ${#missing[@]} -eq 0 ] && return 0
   log "installing Debian packages: ${missing[*]}"
-  apt-get update -qq
+  apt-get update -qq || die "apt-get update failed"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
 }
@@ -159,7 +162,7 @@ build_k8s() {
       [ -n "$uri" ] || die "cannot find the machine's Debian mirror to fetch the kubernetes source package"
       printf 'Types: deb-src\nURIs: %s\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
         "$uri" > /etc/apt/sources.list.d/wp-deb-src.sources
-      apt-get update -qq
+      apt-get update -qq || die "apt-get update failed"
     fi
     (cd "$CACHE/src" && apt-get source --download-only -qq "kubernetes=$K8S_DEB" >/dev/null) \
       || die "apt-get source kubernetes=$K8S_DEB failed"
