@@ -202,6 +202,13 @@ pause_tar() {
 # ---------------------------------------------------------------------------------------------
 # other clusters on this machine
 
+# is any kubelet alive on this machine (a killed one may stay a zombie for a few seconds)
+kubelet_running() {
+  local pid
+  for pid in $(pgrep -x kubelet); do starttime "$pid" >/dev/null && return 0; done
+  return 1
+}
+
 netns_exists() { [ -e "/run/netns/$NS" ]; }
 owner() { cat "$OWNER" 2>/dev/null || true; }
 netns_is_ours() { [ "$(owner)" = "$STATE" ]; }
@@ -645,7 +652,7 @@ teardown() {
     for n in $(seq 1 20); do rmdir "$TRACK_CG" 2>/dev/null && break; sleep 0.1; done
     [ -d "$TRACK_CG" ] && { warn "processes left in $TRACK_CG: $(tr '\n' ' ' < "$TRACK_CG/cgroup.procs")"; ok=1; }
   fi
-  if ! pgrep -x kubelet >/dev/null; then
+  if ! kubelet_running; then
     for d in "${KUBEPODS_CGROUPS[@]}"; do
       [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
     done
@@ -665,7 +672,7 @@ teardown() {
     rm -rf /var/log/pods/*_"$s"
     find /var/log/containers -maxdepth 1 -type l -lname "*_$s/*" -delete 2>/dev/null || true
   done
-  if ! pgrep -x kubelet >/dev/null; then rm -f /var/lib/kubelet/device-plugins/kubelet.sock; fi
+  if ! kubelet_running; then rm -f /var/lib/kubelet/device-plugins/kubelet.sock; fi
   # host directories that did not exist before `up` hold only what this cluster put there
   if [ -f "$STATE/created-dirs" ]; then
     while read -r d; do
