@@ -22,6 +22,8 @@ use crate::stopflag::StopFlag;
 pub const BIN_VOLUME: &str = "workerpool-bin";
 pub const FLAG_VOLUME: &str = "workerpool-stop-flag";
 pub const INSTALL_CONTAINER: &str = "workerpool-agent-install";
+/// Where the init container sees the agent volume: not under `/workerpool`, which is the binary itself in its image.
+const INSTALL_DIR: &str = "/agent-bin";
 
 /// A stable hash of everything that shapes a worker: the pod template and the consumer settings.
 /// `replicas` and `rollout` are left out: scaling or changing the strategy rolls nothing.
@@ -100,10 +102,10 @@ fn install_container(agent_image: &str) -> Container {
     Container {
         name: INSTALL_CONTAINER.into(),
         image: Some(agent_image.into()),
-        command: Some(vec!["/workerpool".into(), "install-agent".into(), agent::AGENT_PATH.into()]),
+        command: Some(vec!["/workerpool".into(), "install-agent".into(), format!("{INSTALL_DIR}/workerpool")]),
         volume_mounts: Some(vec![VolumeMount {
             name: BIN_VOLUME.into(),
-            mount_path: agent::BIN_DIR.into(),
+            mount_path: INSTALL_DIR.into(),
             ..Default::default()
         }]),
         resources: Some(ResourceRequirements {
