@@ -226,6 +226,8 @@ async fn deleting_the_pool_removes_its_pods_and_stop_flag() {
 #[tokio::test]
 async fn crd_applies_with_client_side_kubectl() {
     // GitOps tools and users apply CRDs client-side; the last-applied annotation caps it at 256 KiB.
+    // (Installed first so that other tests creating it at the same moment cannot race kubectl's create.)
+    install_crd(&common::client().await).await;
     let kubeconfig = common::kubeconfig_path();
     let out = std::process::Command::new("kubectl")
         .args(["--kubeconfig", &kubeconfig, "apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")])
