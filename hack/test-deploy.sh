@@ -63,6 +63,10 @@ k() { kubectl --request-timeout=20s "$@"; }
 
 diagnostics() {
   echo "----- diagnostics -----" >&2
+  if ! k get --raw /readyz >/dev/null 2>&1; then
+    echo "the cluster at KUBECONFIG=$KUBECONFIG does not answer any more (brought down or restarted meanwhile?)" >&2
+    return 0
+  fi
   k get pods -n "$OP_NS" -o wide >&2 2>&1 || true
   k get pods -n "$TEST_NS" -o wide >&2 2>&1 || true
   k get workerpools -n "$TEST_NS" -o yaml 2>&1 | sed -n '/^  status:/,$p' | head -60 >&2 || true
@@ -83,13 +87,19 @@ fail() {
   exit 1
 }
 
-# wait_for DESCRIPTION TIMEOUT_SECONDS COMMAND...: run COMMAND every half second until it succeeds
+# wait_for DESCRIPTION TIMEOUT_SECONDS COMMAND...: run COMMAND every half second until it
+# succeeds; gives up at the timeout, or at once when the API server stops answering
 wait_for() {
-  local what=$1 timeout=$2 deadline
+  local what=$1 timeout=$2 deadline next_check
   shift 2
   deadline=$(($(now_ms) + timeout * 1000))
+  next_check=$(($(now_ms) + 10000))
   until "$@" >/dev/null 2>&1; do
     [ "$(now_ms)" -lt "$deadline" ] || fail "timed out after ${timeout}s waiting for: $what"
+    if [ "$(now_ms)" -ge "$next_check" ]; then
+      k get --raw /readyz >/dev/null 2>&1 || fail "the API server stopped answering while waiting for: $what"
+      next_check=$(($(now_ms) + 10000))
+    fi
     sleep 0.5
   done
 }
@@ -228,12 +238,11 @@ phase_end
 # ------------------------------------------------------------------------------------------------
 phase "cluster preflight"
 k get --raw /readyz >/dev/null 2>&1 || NO_DIAGNOSTICS=1 fail "no cluster at KUBECONFIG=$KUBECONFIG (make cluster-up)"
-images=$(k get nodes -o jsonpath='{.items[*].status.images[*].names}' 2>/dev/null || true)
+# (the kubelet lists at most 50 images in the node's status: a missing one is only a warning)
+images=$(k get nodes -o json 2>/dev/null | jq -r '.items[].status.images[]?.names[]?' || true)
 for image in "$OPERATOR_IMAGE" "$WORKER_IMAGE"; do
-  case " $images " in
-    *"/$image "* | *" $image "*) ;;
-    *) log "WARNING: the node does not list image $image (make images); going on, pods may fail with ErrImageNeverPull" ;;
-  esac
+  grep -Eq "(^|/)$image\$" <<<"$images" ||
+    log "WARNING: the node does not list image $image (make images); going on, pods may fail with ErrImageNeverPull"
 done
 k get crd workerpools.workerpool.dev >/dev/null 2>&1 || log "the WorkerPool CRD is not installed yet: the chart installs it"
 for ns in "$OP_NS" "$TEST_NS"; do
