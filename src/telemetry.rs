@@ -14,6 +14,8 @@ pub struct LogArgs {
 
 pub fn init(args: &LogArgs) {
     let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: in a pod, the log goes to the kubelet as plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     if args.log_format == "json" { builder.json().init() } else { builder.init() }
 }

@@ -74,7 +74,9 @@ pub enum Error {
 pub struct Context {
     pub client: Client,
     pub agent_image: String,
-    pub recorder: Recorder,
+    /// Who reports the events. A fresh Recorder per event: kube's Recorder folds events of the
+    /// same reason into a series and keeps the first note, and ours say which revision or pod.
+    pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
     /// Crash back-off for replacing Failed pods, per pool (`namespace/name`).
     backoff: Mutex<HashMap<String, FailureBackoff>>,
@@ -89,13 +91,7 @@ struct FailureBackoff {
 impl Context {
     pub fn new(client: Client, agent_image: String, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            agent_image,
-            metrics,
-            backoff: Mutex::default(),
-        }
+        Self { reporter, client, agent_image, metrics, backoff: Mutex::default() }
     }
 
     fn blocked_until(&self, key: &str) -> Option<Timestamp> {
@@ -509,7 +505,8 @@ async fn publish(
     secondary: Option<ObjectReference>,
 ) {
     let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary };
-    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    if let Err(e) = recorder.publish(&event, reference).await {
         warn!("cannot record event {reason}: {e}");
     }
 }
