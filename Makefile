@@ -54,7 +54,7 @@ cluster-status: ## is the local cluster up and healthy?
 	hack/cluster.sh status
 
 bench: ## benchmarks (hack/bench.sh)
-	@if [ -x hack/bench.sh ]; then hack/bench.sh; else echo "no hack/bench.sh yet: nothing to run"; fi
+	hack/bench.sh
 
 demo: ## local cluster, images, the CRD; see hack/demo.sh
 	hack/demo.sh

@@ -118,7 +118,7 @@ async fn drain_signal_latency() {
         })
         .await;
         for follower in followers {
-            let lines = tokio::time::timeout(MINUTE, follower).await.expect("old worker exits").unwrap();
+            let lines = finished_lines(&follower, MINUTE).await;
             let written = common::wait_for(MINUTE, "the flag write", || async {
                 flag_seen.lock().unwrap().get(&new_revision).copied()
             })
@@ -193,7 +193,7 @@ async fn rollout_overhead_pool_of_ten() {
     let done = Timestamp::now();
     let mut last_message_end = bumped;
     for follower in followers {
-        let lines = follower.await.unwrap();
+        let lines = finished_lines(&follower, MINUTE).await;
         if let Some(end) =
             lines.iter().filter(|l| l.contains("message ") && l.ends_with(" end")).map(|l| line_time(l)).max()
         {

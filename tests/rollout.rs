@@ -59,11 +59,16 @@ async fn events(client: &Client, ns: &str, reason: &str) -> Vec<Event> {
         .collect()
 }
 
-async fn follow_all(client: &Client, ns: &str, pods: &[String]) -> BTreeMap<String, Vec<String>> {
-    let handles: Vec<_> = pods.iter().map(|p| (p.clone(), follow_logs(client, ns, p))).collect();
+/// Follows the worker logs of `pods` until each has exited.
+fn follow_all(client: &Client, ns: &str, pods: &[String]) -> Vec<(String, common::LogFollower)> {
+    pods.iter().map(|p| (p.clone(), follow_logs(client, ns, p))).collect()
+}
+
+/// Every followed log, once its worker has exited.
+async fn finished_logs(followers: Vec<(String, common::LogFollower)>) -> BTreeMap<String, Vec<String>> {
     let mut logs = BTreeMap::new();
-    for (pod, handle) in handles {
-        logs.insert(pod, tokio::time::timeout(3 * MINUTE, handle).await.expect("old worker exits").unwrap());
+    for (pod, follower) in followers {
+        logs.insert(pod, finished_lines(&follower, 3 * MINUTE).await);
     }
     logs
 }
@@ -80,10 +85,7 @@ async fn image_bump_drains_every_worker_after_its_message() {
     create_pool(&client, ns.name(), &test_pool("emails", 3, WORKER_V1, 5.0, serde_json::json!({}))).await;
     let old = busy_pods(&client, ns.name(), "emails", 3).await;
     let old_revision = get_pool(&client, ns.name(), "emails").await.status.unwrap().update_revision.unwrap();
-    let followers = tokio::spawn({
-        let (client, ns, old) = (client.clone(), ns.name().to_string(), old.clone());
-        async move { follow_all(&client, &ns, &old).await }
-    });
+    let followers = follow_all(&client, ns.name(), &old);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     patch_spec(&client, ns.name(), "emails", bump_image(WORKER_V2)).await;
@@ -92,7 +94,7 @@ async fn image_bump_drains_every_worker_after_its_message() {
     assert_ne!(status.update_revision.as_deref(), Some(old_revision.as_str()));
     assert_eq!((status.updated_replicas, status.ready_replicas, status.draining_replicas), (3, 3, 0));
 
-    for (pod, lines) in followers.await.unwrap() {
+    for (pod, lines) in finished_logs(followers).await {
         assert_no_message_cut(&pod, &lines);
         assert!(
             lines.iter().any(|l| l.contains("stopping after current message")),
@@ -164,15 +166,12 @@ async fn recreate_never_runs_two_versions_at_once() {
     let strategy = serde_json::json!({"rollout": {"strategy": "Recreate"}});
     create_pool(&client, ns.name(), &test_pool("orders", 2, WORKER_V1, 5.0, strategy)).await;
     let old = busy_pods(&client, ns.name(), "orders", 2).await;
-    let followers = tokio::spawn({
-        let (client, ns, old) = (client.clone(), ns.name().to_string(), old.clone());
-        async move { follow_all(&client, &ns, &old).await }
-    });
+    let followers = follow_all(&client, ns.name(), &old);
     tokio::time::sleep(Duration::from_millis(500)).await;
     patch_spec(&client, ns.name(), "orders", bump_image(WORKER_V2)).await;
     wait_rollout_complete(&client, ns.name(), "orders", 3 * MINUTE).await;
 
-    let old_logs = followers.await.unwrap();
+    let old_logs = finished_logs(followers).await;
     let last_old_end =
         old_logs.values().flatten().filter(|l| l.contains("message ")).map(|l| line_time(l)).max().unwrap();
     let new_pods: Vec<Pod> =
@@ -281,14 +280,7 @@ async fn scale_in_drains_the_removed_workers() {
     let history = PodHistory::start(&client, ns.name());
     create_pool(&client, ns.name(), &test_pool("bulk", 4, WORKER_V1, 5.0, serde_json::json!({}))).await;
     let all = busy_pods(&client, ns.name(), "bulk", 4).await;
-    let followers = tokio::spawn({
-        let (client, ns, all) = (client.clone(), ns.name().to_string(), all.clone());
-        async move {
-            let handles: Vec<_> = all.iter().map(|p| (p.clone(), follow_logs(&client, &ns, p))).collect();
-            handles
-        }
-    });
-    let followers = followers.await.unwrap();
+    let followers = follow_all(&client, ns.name(), &all);
     tokio::time::sleep(Duration::from_millis(500)).await;
     Api::<WorkerPool>::namespaced(client.clone(), ns.name())
         .patch_scale("bulk", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": 2}})))
@@ -306,12 +298,11 @@ async fn scale_in_drains_the_removed_workers() {
     let remaining: Vec<String> = pool_pods(&client, ns.name(), "bulk").await.iter().map(|p| p.name_any()).collect();
     let removed: Vec<&String> = all.iter().filter(|p| !remaining.contains(p)).collect();
     assert_eq!(removed.len(), 2, "removed {removed:?}");
-    for (pod, handle) in followers {
+    for (pod, follower) in followers {
         if !removed.contains(&&pod) {
-            handle.abort();
             continue;
         }
-        let lines = handle.await.unwrap();
+        let lines = finished_lines(&follower, MINUTE).await;
         assert_no_message_cut(&pod, &lines);
         assert!(lines.iter().any(|l| l.contains("stopping after current message")), "{pod}:\n{}", lines.join("\n"));
         let record = &history.snapshot()[&pod];

@@ -280,10 +280,20 @@ pub struct LogFollower {
 
 impl LogFollower {
     pub fn start(client: &Client, namespace: &str, pod: &str, container: Option<&str>) -> Self {
+        Self::start_with(client, namespace, pod, container, false)
+    }
+
+    /// Like `start`, with the kubelet's RFC 3339 timestamp at the start of every line.
+    pub fn start_timestamped(client: &Client, namespace: &str, pod: &str, container: Option<&str>) -> Self {
+        Self::start_with(client, namespace, pod, container, true)
+    }
+
+    fn start_with(client: &Client, namespace: &str, pod: &str, container: Option<&str>, timestamps: bool) -> Self {
         let text = Arc::new(Mutex::new(String::new()));
         let finished = Arc::new(AtomicBool::new(false));
         let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-        let params = LogParams { follow: true, container: container.map(str::to_string), ..Default::default() };
+        let params =
+            LogParams { follow: true, timestamps, container: container.map(str::to_string), ..Default::default() };
         let (pod_name, sink, done) = (pod.to_string(), text.clone(), finished.clone());
         let task = tokio::spawn(async move {
             let stream = loop {
@@ -295,7 +305,7 @@ impl LogFollower {
             let mut lines = stream.lines();
             while let Ok(Some(line)) = lines.try_next().await {
                 // the 1.20 kubelet ends a followed stream of a removed container with this line
-                if line.starts_with("rpc error: code = NotFound desc = an error occurred when try to find container") {
+                if line.contains("rpc error: code = NotFound desc = an error occurred when try to find container") {
                     continue;
                 }
                 let mut text = sink.lock().unwrap();

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use workerpool::api::{WorkerPool, labels};
 
@@ -211,17 +211,14 @@ impl PodHistory {
     }
 }
 
-/// Follows a pod's worker log until the container ends; the lines carry the kubelet's timestamps.
-pub fn follow_logs(client: &Client, namespace: &str, pod: &str) -> tokio::task::JoinHandle<Vec<String>> {
-    use futures::{AsyncBufReadExt, TryStreamExt};
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let pod = pod.to_string();
-    tokio::spawn(async move {
-        let params =
-            LogParams { follow: true, timestamps: true, container: Some("worker".into()), ..Default::default() };
-        let Ok(stream) = pods.log_stream(&pod, &params).await else { return Vec::new() };
-        stream.lines().try_collect().await.unwrap_or_default()
-    })
+/// Follows a pod's worker log, with the kubelet's timestamps, until the container ends.
+pub fn follow_logs(client: &Client, namespace: &str, pod: &str) -> crate::common::LogFollower {
+    crate::common::LogFollower::start_timestamped(client, namespace, pod, Some("worker"))
+}
+
+/// The whole log of a followed container, as lines, once it has exited.
+pub async fn finished_lines(follower: &crate::common::LogFollower, timeout: std::time::Duration) -> Vec<String> {
+    follower.wait_finished(timeout).await.lines().map(str::to_string).collect()
 }
 
 /// Checks that every message a worker started, it also ended.
