@@ -56,7 +56,7 @@ phase() {
   log "== $1"
 }
 phase_end() {
-  if [ -n "$phase_name" ]; then TIMINGS+=("$(printf '%-58s %8ss' "$phase_name" "$(secs $(($(now_ms) - phase_start)))")"); fi
+  if [ -n "$phase_name" ]; then TIMINGS+=("$(printf '%-72s %8ss' "$phase_name" "$(secs $(($(now_ms) - phase_start)))")"); fi
   phase_name=""
 }
 k() { kubectl --request-timeout=20s "$@"; }
@@ -332,7 +332,7 @@ spec:
   rollout: {strategy: Rolling, drainTimeoutSeconds: 60}
   template:
     spec:
-      terminationGracePeriodSeconds: 30
+      terminationGracePeriodSeconds: 3
       containers:
         - name: worker
           image: $WORKER_IMAGE
@@ -374,10 +374,16 @@ log "leader: $LEADER"
 scrape() { # scrape POD: /metrics of one controller pod, through the API server's pod proxy
   k get --raw "/api/v1/namespaces/$OP_NS/pods/$1:8080/proxy/metrics"
 }
-# check_metrics FILE WORKERS: every workerpool_* series of a leader that manages the test pool
+# check_metrics FILE WORKERS [after-rollouts]: every workerpool_* series of a leader that
+# manages the test pool; after the rollouts, one was observed and workers hit the drain timeout
+# (workerpool_drain_timeouts_total has no line before the first timeout)
 check_metrics() {
-  local f=$1 workers=$2 series
-  for series in \
+  local f=$1 workers=$2 series extra=()
+  [ "${3:-}" != after-rollouts ] || extra=(
+    '^workerpool_rollout_duration_seconds_count [1-9]'
+    "^workerpool_drain_timeouts_total\\{namespace=\"$TEST_NS\",pool=\"$POOL\"\\} [1-9]"
+  )
+  for series in "${extra[@]}" \
     '^workerpool_reconciles_total\{result="ok"\} [1-9]' \
     '^workerpool_reconcile_duration_seconds_count [1-9]' \
     '^workerpool_reconcile_duration_seconds_bucket\{le="' \
@@ -386,18 +392,26 @@ check_metrics() {
     "^workerpool_workers\\{namespace=\"$TEST_NS\",pool=\"$POOL\",state=\"draining\"\\} 0\$" \
     "^workerpool_rollouts_in_progress\\{namespace=\"$TEST_NS\",pool=\"$POOL\"\\} 0\$" \
     '^workerpool_rollout_duration_seconds_count [0-9]' \
-    '^# TYPE workerpool_drain_timeouts counter$' \
     '^workerpool_leader 1$'; do
     grep -Eq "$series" "$f" || { cat "$f" >&2; fail "/metrics has no line matching: $series"; }
   done
 }
-poll_metrics() { # poll_metrics POD WORKERS: until the leader's metrics show the pool's state
+poll_metrics() { # poll_metrics POD WORKERS [after-rollouts]: until the leader's metrics show the pool
   scrape "$1" >"$WORK/metrics.txt" 2>/dev/null &&
-    NO_DIAGNOSTICS=1 check_metrics_quiet "$WORK/metrics.txt" "$2"
+    NO_DIAGNOSTICS=1 check_metrics_quiet "$WORK/metrics.txt" "$2" "${3:-}"
 }
 check_metrics_quiet() { (check_metrics "$@") >/dev/null 2>&1; }
-wait_for "the leader's /metrics to show the pool" 30 poll_metrics "$LEADER" 1
-check_metrics "$WORK/metrics.txt" 1
+# wait_metrics POD WORKERS [after-rollouts]: up to 30 s for the series, then name what is missing
+wait_metrics() {
+  local deadline=$(($(now_ms) + 30000))
+  until poll_metrics "$@"; do
+    [ "$(now_ms)" -lt "$deadline" ] || break
+    sleep 1
+  done
+  scrape "$1" >"$WORK/metrics.txt" || fail "cannot scrape /metrics of $1 through the API server's pod proxy"
+  check_metrics "$WORK/metrics.txt" "${@:2}"
+}
+wait_metrics "$LEADER" 1
 log "leader /metrics (pod proxy): $(grep -c '^workerpool_' "$WORK/metrics.txt") workerpool_* samples, all expected series present"
 k get --raw "/api/v1/namespaces/$OP_NS/services/$RELEASE:http-metrics/proxy/metrics" >"$WORK/svc-metrics.txt" ||
   fail "cannot scrape the Service $RELEASE:http-metrics through the API server's service proxy"
@@ -433,27 +447,41 @@ reconciled_ms=$(($(now_ms) - t0))
 log "pool at 2/2 $(secs "$reconciled_ms")s after the leader's pod was deleted"
 wait_for "the Deployment to replace the deleted pod (2 controller pods Ready)" 120 controller_pods_ready 2
 
-phase "the new leader rolls the pool out to a new revision"
-old_rev=$(jq -r '.status.updateRevision' "$WORK/pool.json")
-k patch workerpool "$POOL" -n "$TEST_NS" --type=json \
-  -p '[{"op": "replace", "path": "/spec/template/spec/containers/0/env/0/value", "value": "2"}]' >&2
-new_rev_known() {
-  k get workerpool "$POOL" -n "$TEST_NS" -o json >"$WORK/pool.json" &&
-    jq -e --arg old "$old_rev" '.status.updateRevision != null and .status.updateRevision != $old' "$WORK/pool.json"
+phase "the new leader rolls the pool out: graceful, then past the drain timeout"
+# 1. MESSAGE_SECONDS 1 -> 30: the old workers finish their 1 s message and exit, new ones start
+# 2. another revision with drainTimeoutSeconds 2: the workers are inside a 30 s message, so the
+#    controller deletes them after 2 s (Event DrainTimeout, workerpool_drain_timeouts_total)
+# rollout PATCH DESCRIPTION: apply a JSON patch, wait until every worker runs the new revision
+rollout() {
+  local old_rev
+  k get workerpool "$POOL" -n "$TEST_NS" -o json >"$WORK/pool.json" || fail "cannot read the pool"
+  old_rev=$(jq -r '.status.updateRevision' "$WORK/pool.json")
+  k patch workerpool "$POOL" -n "$TEST_NS" --type=json -p "$1" >&2 || fail "cannot patch the pool"
+  new_rev_known() {
+    k get workerpool "$POOL" -n "$TEST_NS" -o json >"$WORK/pool.json" &&
+      jq -e --arg old "$old_rev" '.status.updateRevision != null and .status.updateRevision != $old' "$WORK/pool.json"
+  }
+  wait_for "a new updateRevision ($2)" 30 new_rev_known
+  new_rev=$(jq -r '.status.updateRevision' "$WORK/pool.json")
+  rollout_complete() {
+    pool_at 2 "$new_rev" &&
+      jq -e '.status.conditions | any(.type == "RolloutComplete" and .status == "True")' "$WORK/pool.json"
+  }
+  local t
+  t=$(now_ms)
+  wait_for "rollout $old_rev -> $new_rev complete ($2)" 180 rollout_complete
+  log "rolled out $old_rev -> $new_rev ($2) in $(secs $(($(now_ms) - t)))s"
 }
-wait_for "a new updateRevision" 30 new_rev_known
-new_rev=$(jq -r '.status.updateRevision' "$WORK/pool.json")
-rollout_complete() {
-  pool_at 2 "$new_rev" &&
-    jq -e '.status.conditions | any(.type == "RolloutComplete" and .status == "True")' "$WORK/pool.json"
-}
-wait_for "rollout $old_rev -> $new_rev complete (2 workers of the new revision, RolloutComplete)" 180 rollout_complete
-log "rolled out $old_rev -> $new_rev"
-wait_for "the new leader's /metrics to show the pool at 2" 30 poll_metrics "$new_leader" 2
-check_metrics "$WORK/metrics.txt" 2
-grep -Eq '^workerpool_rollout_duration_seconds_count [1-9]' "$WORK/metrics.txt" ||
-  fail "the completed rollout was not observed in workerpool_rollout_duration_seconds"
-log "new leader /metrics: all expected series present, rollout duration observed"
+rollout '[{"op": "replace", "path": "/spec/template/spec/containers/0/env/0/value", "value": "30"}]' \
+  "graceful: old workers finish their message"
+rollout '[{"op": "replace", "path": "/spec/rollout/drainTimeoutSeconds", "value": 2},
+          {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "MARKER", "value": "v3"}}]' \
+  "workers busy past drainTimeoutSeconds 2 are deleted"
+k get events -n "$TEST_NS" --field-selector reason=DrainTimeout -o name | grep -q . ||
+  fail "no DrainTimeout Event after workers were deleted past the drain timeout"
+wait_metrics "$new_leader" 2 after-rollouts
+log "new leader /metrics: every workerpool_* series present:"
+grep -E '^workerpool_[a-z_]+(\{[^}]*\})? ' "$WORK/metrics.txt" | grep -v '_bucket' | sed 's/^/  /' >&2
 
 phase "helm uninstall"
 "$HELM" uninstall "$RELEASE" -n "$OP_NS" --wait --timeout 120 >&2 || fail "helm uninstall failed"
