@@ -60,13 +60,16 @@ fn watch_flag_revisions(client: &Client, ns: &str, name: &str) -> Arc<Mutex<BTre
 fn signal_reporter(env_value: &str) -> serde_json::Value {
     serde_json::json!({"template": {"spec": {"containers": [{
         "name": "worker", "image": WORKER_V1, "imagePullPolicy": "Never",
-        "command": ["/bin/sh", "-c", "trap 'echo stop-signal; exit 0' TERM; echo ready; while :; do sleep 1 & wait $!; done"],
+        "command": ["/bin/sh", "-c", "trap 'echo stop-signal; exit 0' TERM; echo consumer-ready; while :; do sleep 1 & wait $!; done"],
         "env": [{"name": "BENCH_ROUND", "value": env_value}],
     }]}}})
 }
 
-/// Stop flag written → consumer receives its stop signal, over 20 rollouts, beside the
-/// ConfigMap-volume path (a pod that polls the same flag mounted as a file) in the same run.
+/// Stop flag → consumer receives its stop signal, beside the ConfigMap-volume path (a pod that
+/// polls the same flag mounted as a file) in the same run:
+///  * 20 rollouts x 2 workers: image bump (the WorkerPool patch) → stop signal, end to end
+///    through the controller;
+///  * 20 `restartRequestedAt` writes x 2 workers: the bench writes the flag itself → stop signal.
 #[tokio::test]
 #[ignore = "benchmark: make bench"]
 async fn drain_signal_latency() {
@@ -84,34 +87,29 @@ async fn drain_signal_latency() {
         "metadata": {"name": "volume-reader"},
         "spec": {
             "containers": [{"name": "worker", "image": WORKER_V1, "imagePullPolicy": "Never",
-                "command": ["/bin/sh", "-c", "last=; while :; do r=$(cat /flag/revision 2>/dev/null); if [ \"$r\" != \"$last\" ]; then echo \"revision $r\"; last=$r; fi; sleep 0.1; done"],
+                "command": ["/bin/sh", "-c", "last=; while :; do r=\"$(cat /flag/revision 2>/dev/null)/$(cat /flag/restartRequestedAt 2>/dev/null)\"; if [ \"$r\" != \"$last\" ]; then echo \"flag $r\"; last=$r; fi; sleep 0.1; done"],
                 "volumeMounts": [{"name": "flag", "mountPath": "/flag"}]}],
             "volumes": [{"name": "flag", "configMap": {"name": "bench-stop-flag", "optional": true}}]
         }
     }))
     .unwrap();
-    Api::<Pod>::namespaced(client.clone(), ns.name()).create(&PostParams::default(), &volume_pod).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    pods.create(&PostParams::default(), &volume_pod).await.unwrap();
+    // Every state the flag went through (as the volume reader prints it), with when it was written.
+    let mut states: Vec<(Timestamp, String)> = Vec::new();
 
-    let mut latencies = Vec::new();
+    let mut rollout_latencies = Vec::new();
     let rounds = 20;
+    let mut revision = String::new();
     for round in 1..=rounds {
-        let old: Vec<String> = common::wait_for(2 * MINUTE, "2 ready workers", || async {
-            let pods: Vec<Pod> =
-                pool_pods(&client, ns.name(), "bench").await.into_iter().filter(is_running_and_ready).collect();
-            let all = pool_pods(&client, ns.name(), "bench").await.len();
-            let mut ready = Vec::new();
-            for p in &pods {
-                if logs(&client, ns.name(), &p.name_any()).await.contains("ready") {
-                    ready.push(p.name_any());
-                }
-            }
-            (ready.len() == 2 && all == 2).then_some(ready)
-        })
-        .await;
+        let old = ready_workers(&client, ns.name(), 1).await;
         let followers: Vec<_> = old.iter().map(|p| follow_logs(&client, ns.name(), p)).collect();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        for follower in &followers {
+            follower.wait_for_text(MINUTE, "consumer-ready").await; // attached before the worker can exit
+        }
+        let bumped = Timestamp::now();
         patch_spec(&client, ns.name(), "bench", signal_reporter(&round.to_string())).await;
-        let new_revision = common::wait_for(MINUTE, "the new revision", || async {
+        revision = common::wait_for(MINUTE, "the new revision", || async {
             let pool = get_pool(&client, ns.name(), "bench").await;
             let status = pool.status?;
             (status.observed_generation == pool.metadata.generation).then_some(status.update_revision?)
@@ -119,34 +117,88 @@ async fn drain_signal_latency() {
         .await;
         for follower in followers {
             let lines = finished_lines(&follower, MINUTE).await;
-            let written = common::wait_for(MINUTE, "the flag write", || async {
-                flag_seen.lock().unwrap().get(&new_revision).copied()
-            })
-            .await;
             if let Some(line) = lines.iter().find(|l| l.ends_with("stop-signal")) {
-                latencies.push(line_time(line).duration_since(written).as_secs_f64() * 1000.0);
+                rollout_latencies.push(line_time(line).duration_since(bumped).as_secs_f64() * 1000.0);
             }
         }
+        let written =
+            common::wait_for(MINUTE, "the flag write", || async { flag_seen.lock().unwrap().get(&revision).copied() })
+                .await;
+        states.push((written, format!("{revision}/")));
     }
-    summary(&format!("drain signal latency over the API watch ({rounds} rollouts x 2 workers)"), latencies, " ms");
+    summary(
+        &format!("image bump -> stop signal, end to end ({rounds} rollouts x 2 workers)"),
+        rollout_latencies,
+        " ms",
+    );
 
-    // Whatever the volume reader saw by now, against when the flag was written.
+    let workers = ready_workers(&client, ns.name(), 1).await;
+    let flags: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
+    let mut flag_latencies = Vec::new();
+    for round in 1..=rounds {
+        let written = Timestamp::now();
+        let patch = serde_json::json!({"data": {"restartRequestedAt": written.to_string()}});
+        flags
+            .patch("bench-stop-flag", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .await
+            .unwrap();
+        states.push((written, format!("{revision}/{written}")));
+        for worker in &workers {
+            let line = common::wait_for(MINUTE, "the stop signal", || async {
+                let params =
+                    kube::api::LogParams { timestamps: true, container: Some("worker".into()), ..Default::default() };
+                let text = pods.logs(worker, &params).await.ok()?;
+                text.lines().filter(|l| l.ends_with("stop-signal")).nth(round - 1).map(str::to_string)
+            })
+            .await;
+            flag_latencies.push(line_time(&line).duration_since(written).as_secs_f64() * 1000.0);
+        }
+        ready_workers(&client, ns.name(), round + 1).await;
+    }
+    summary(
+        &format!("stop flag written -> stop signal, over the API watch ({rounds} writes x 2 workers)"),
+        flag_latencies,
+        " ms",
+    );
+
+    // The volume path: for each write, when the reader first showed it (or a later state).
     tokio::time::sleep(Duration::from_secs(5)).await;
     let params = kube::api::LogParams { timestamps: true, ..Default::default() };
-    let text =
-        Api::<Pod>::namespaced(client.clone(), ns.name()).logs("volume-reader", &params).await.unwrap_or_default();
-    let written = flag_seen.lock().unwrap().clone();
-    let volume: Vec<f64> = text
+    let text = pods.logs("volume-reader", &params).await.unwrap_or_default();
+    let seen: Vec<(Timestamp, usize)> = text
         .lines()
         .filter_map(|l| {
-            let revision = l.rsplit_once("revision ")?.1.trim();
-            let at = written.get(revision)?;
-            Some(line_time(l).duration_since(*at).as_secs_f64())
+            let state = l.rsplit_once("flag ")?.1.trim();
+            Some((line_time(l), states.iter().position(|(_, s)| s == state)?))
         })
-        .filter(|s| *s > 0.0)
         .collect();
-    summary("the same flag through a ConfigMap volume (changes the reader saw)", volume, " s");
+    let volume: Vec<f64> = states
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (written, _))| {
+            let (at, _) = seen.iter().find(|(at, j)| *j >= i && at >= written)?;
+            Some(at.duration_since(*written).as_secs_f64())
+        })
+        .collect();
+    let missed = states.len() - volume.len();
+    summary(&format!("the same flag through a ConfigMap volume ({missed} writes never seen in the run)"), volume, " s");
     ns.delete().await;
+}
+
+/// Waits until both workers of the bench pool run a consumer that has printed `consumer-ready`
+/// at least `starts` times; returns their names.
+async fn ready_workers(client: &Client, ns: &str, starts: usize) -> Vec<String> {
+    common::wait_for(2 * MINUTE, "2 ready workers", || async {
+        let all = pool_pods(client, ns, "bench").await;
+        let mut ready = Vec::new();
+        for pod in all.iter().filter(|p| is_running_and_ready(p)) {
+            if logs(client, ns, &pod.name_any()).await.matches("consumer-ready").count() >= starts {
+                ready.push(pod.name_any());
+            }
+        }
+        (ready.len() == 2 && all.len() == 2).then_some(ready)
+    })
+    .await
 }
 
 /// Rollout overhead for a pool of 10: rollout duration minus the longest in-flight message's
@@ -192,6 +244,7 @@ async fn rollout_overhead_pool_of_ten() {
     .await;
     let done = Timestamp::now();
     let mut last_message_end = bumped;
+    let mut exits = Vec::new();
     for follower in followers {
         let lines = finished_lines(&follower, MINUTE).await;
         if let Some(end) =
@@ -199,6 +252,7 @@ async fn rollout_overhead_pool_of_ten() {
         {
             last_message_end = last_message_end.max(end);
         }
+        exits.extend(lines.last().map(|l| line_time(l)));
     }
     // Pod start time of the new workers, for the "plus pod start" part of the target.
     let pods = pool_pods(&client, ns.name(), "ten").await;
@@ -220,14 +274,26 @@ async fn rollout_overhead_pool_of_ten() {
         })
         .collect();
     starts.sort_by(|a, b| a.total_cmp(b));
+    // How long a freed slot waited for its new pod: the k-th old worker's exit (its agent's last
+    // log line) against the k-th new pod's creation.
+    exits.sort();
+    let mut created: Vec<Timestamp> =
+        pods.iter().filter_map(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0)).collect();
+    created.sort();
+    let mut slot_waits: Vec<f64> =
+        exits.iter().zip(&created).map(|(exit, new)| new.duration_since(*exit).as_secs_f64()).collect();
+    slot_waits.sort_by(|a, b| a.total_cmp(b));
     let duration = done.duration_since(bumped).as_secs_f64();
     let in_flight = last_message_end.duration_since(bumped).as_secs_f64();
     println!(
         "rollout of 10 workers: {duration:.1} s in all; the longest in-flight message needed {in_flight:.1} s more; \
-         overhead {:.1} s (pod start median {:.1} s, max {:.1} s)",
+         overhead {:.1} s (pod start median {:.1} s, max {:.1} s; old worker exit -> its slot's new pod created \
+         median {:.1} s, max {:.1} s)",
         duration - in_flight,
         percentile(&starts, 50.0),
-        starts.last().copied().unwrap_or(f64::NAN)
+        starts.last().copied().unwrap_or(f64::NAN),
+        percentile(&slot_waits, 50.0),
+        slot_waits.last().copied().unwrap_or(f64::NAN),
     );
     ns.delete().await;
 }
