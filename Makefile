@@ -11,7 +11,7 @@ WP_STATE ?= /tmp/workerpool-cluster
 export WP_STATE
 KUBECONFIG_LOCAL := $(WP_STATE)/kubeconfig
 
-.PHONY: help build crds lint tools unit integration test images cluster-up cluster-down cluster-status bench demo
+.PHONY: help build crds lint tools unit integration deploy-test test images cluster-up cluster-down cluster-status bench demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -28,9 +28,10 @@ tools: ## make sure rustfmt and clippy are installed
 	  rustup component list --installed 2>/dev/null | grep -q "^$$c" || rustup component add $$c; \
 	done
 
-lint: tools ## cargo fmt --check and cargo clippy (warnings are errors)
+lint: tools ## cargo fmt --check, cargo clippy (warnings are errors), the CRD and deploy files are fresh
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	hack/check-deploy.sh
 
 unit: ## unit tests (no cluster needed)
 	$(CARGO) test --lib --bins
@@ -38,8 +39,11 @@ unit: ## unit tests (no cluster needed)
 integration: ## integration tests against the running local cluster (make cluster-up images)
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --no-fail-fast --test '*' -- --test-threads=2
 
-test: unit ## unit tests, then images + integration tests on the local cluster (started and stopped if it was not up)
-	hack/with-cluster.sh $(MAKE) --no-print-directory images integration
+deploy-test: ## the Helm chart and deploy/manifests installed into the running local cluster (hack/test-deploy.sh)
+	KUBECONFIG=$(KUBECONFIG_LOCAL) hack/test-deploy.sh
+
+test: unit ## unit tests, then images, integration and deploy tests on the local cluster (started and stopped if it was not up)
+	hack/with-cluster.sh $(MAKE) --no-print-directory images integration deploy-test
 
 images: ## build the images and import them into the running cluster
 	hack/images.sh
