@@ -30,10 +30,7 @@ async fn running(client: &Client, ns: &str, pool: &str, n: usize) -> Vec<Pod> {
 /// minute in the same container: restartCount stays 0 and the consumer ran ≥ 40 times.
 #[tokio::test]
 async fn clean_exits_are_restarted_at_once_without_back_off() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "recycle").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("recycle").await;
     let limits = serde_json::json!({"consumer": {"limits": {"messages": 1}}});
     create_pool(&client, ns.name(), &test_pool("ticks", 1, WORKER_V1, 1.0, limits)).await;
     let pod = running(&client, ns.name(), "ticks", 1).await.remove(0);
@@ -53,10 +50,7 @@ async fn clean_exits_are_restarted_at_once_without_back_off() {
 /// its current message.
 #[tokio::test]
 async fn stop_workers_restarts_consumers_in_place_after_their_message() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "stopworkers").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("stopworkers").await;
     create_pool(&client, ns.name(), &test_pool("emails", 2, WORKER_V1, 3.0, serde_json::json!({}))).await;
     let before = running(&client, ns.name(), "emails", 2).await;
     for pod in &before {

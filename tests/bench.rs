@@ -73,10 +73,7 @@ fn signal_reporter(env_value: &str) -> serde_json::Value {
 #[tokio::test]
 #[ignore = "benchmark: make bench"]
 async fn drain_signal_latency() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "bench-signal").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("bench-signal").await;
     let flag_seen = watch_flag_revisions(&client, ns.name(), "bench-stop-flag");
     let mut pool = test_pool("bench", 2, WORKER_V1, 1.0, serde_json::json!({}));
     pool.spec.template = serde_json::from_value(signal_reporter("0")["template"].clone()).unwrap();
@@ -206,10 +203,7 @@ async fn ready_workers(client: &Client, ns: &str, starts: usize) -> Vec<String> 
 #[tokio::test]
 #[ignore = "benchmark: make bench"]
 async fn rollout_overhead_pool_of_ten() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "bench-rollout").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("bench-rollout").await;
     create_pool(&client, ns.name(), &test_pool("ten", 10, WORKER_V1, 8.0, serde_json::json!({}))).await;
     let old: Vec<String> = common::wait_for(3 * MINUTE, "10 busy workers", || async {
         let pods: Vec<Pod> =
@@ -303,10 +297,7 @@ async fn rollout_overhead_pool_of_ten() {
 #[tokio::test]
 #[ignore = "benchmark: make bench"]
 async fn clean_exit_worker_agent_vs_deployment() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "bench-recycle").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("bench-recycle").await;
     let limits = serde_json::json!({"consumer": {"limits": {"messages": 1}}});
     create_pool(&client, ns.name(), &test_pool("agent", 1, WORKER_V1, 1.0, limits)).await;
     let deployment: Deployment = serde_json::from_value(serde_json::json!({

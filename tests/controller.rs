@@ -22,10 +22,7 @@ async fn running_pods(client: &kube::Client, ns: &str, pool: &str, n: usize) -> 
 
 #[tokio::test]
 async fn pool_runs_workers_with_limit_arguments_and_follows_scale() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "scale").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("scale").await;
     let limits = serde_json::json!({"consumer": {"limits": {
         "messages": 1000, "timeLimitSeconds": 3600, "memory": "64Mi", "failures": 3
     }}});
@@ -99,10 +96,7 @@ async fn pool_runs_workers_with_limit_arguments_and_follows_scale() {
 
 #[tokio::test]
 async fn invalid_spec_gets_a_condition_and_an_event_and_no_pods() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "invalid").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("invalid").await;
 
     let mut broken = test_pool("broken", 2, WORKER_V1, 0.5, serde_json::json!({}));
     broken.spec.template.spec.as_mut().unwrap().containers[0].command = None;
@@ -204,10 +198,7 @@ fn set(body: &mut serde_json::Value, pointer: &str, value: serde_json::Value) {
 
 #[tokio::test]
 async fn deleting_the_pool_removes_its_pods_and_stop_flag() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "gc").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("gc").await;
     create_pool(&client, ns.name(), &test_pool("gone", 2, WORKER_V1, 0.5, serde_json::json!({}))).await;
     common::wait_for(2 * MINUTE, "2 running pods", || running_pods(&client, ns.name(), "gone", 2)).await;
     Api::<WorkerPool>::namespaced(client.clone(), ns.name())

@@ -77,10 +77,7 @@ async fn finished_logs(followers: Vec<(String, common::LogFollower)>) -> BTreeMa
 ///    ends Succeeded by draining, none is deleted while working, new pods run the new image.
 #[tokio::test]
 async fn image_bump_drains_every_worker_after_its_message() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "bump").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("bump").await;
     let history = PodHistory::start(&client, ns.name());
     create_pool(&client, ns.name(), &test_pool("emails", 3, WORKER_V1, 5.0, serde_json::json!({}))).await;
     let old = busy_pods(&client, ns.name(), "emails", 3).await;
@@ -124,10 +121,7 @@ async fn image_bump_drains_every_worker_after_its_message() {
 /// 2. A worker still busy after `drainTimeoutSeconds` is deleted, with a Warning Event.
 #[tokio::test]
 async fn drain_timeout_deletes_a_busy_worker_with_an_event() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "timeout").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("timeout").await;
     let history = PodHistory::start(&client, ns.name());
     let rollout = serde_json::json!({"rollout": {"drainTimeoutSeconds": 5}});
     create_pool(&client, ns.name(), &test_pool("slow", 1, WORKER_V1, 60.0, rollout)).await;
@@ -159,10 +153,7 @@ async fn drain_timeout_deletes_a_busy_worker_with_an_event() {
 /// 3. Recreate: no new-revision message starts before the last old one has ended.
 #[tokio::test]
 async fn recreate_never_runs_two_versions_at_once() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "recreate").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("recreate").await;
     let strategy = serde_json::json!({"rollout": {"strategy": "Recreate"}});
     create_pool(&client, ns.name(), &test_pool("orders", 2, WORKER_V1, 5.0, strategy)).await;
     let old = busy_pods(&client, ns.name(), "orders", 2).await;
@@ -197,10 +188,7 @@ async fn recreate_never_runs_two_versions_at_once() {
 /// 4. Surge: the count of Ready workers never drops below `replicas` during the rollout.
 #[tokio::test]
 async fn surge_keeps_every_slot_ready() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "surge").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("surge").await;
     let strategy = serde_json::json!({"rollout": {"strategy": "Surge", "maxSurge": 1}});
     create_pool(&client, ns.name(), &test_pool("mail", 2, WORKER_V1, 2.0, strategy)).await;
     busy_pods(&client, ns.name(), "mail", 2).await;
@@ -230,10 +218,7 @@ async fn surge_keeps_every_slot_ready() {
 ///    nothing twice and losing no slot.
 #[tokio::test]
 async fn rollout_survives_a_controller_crash() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "crash").await;
-    let mut controller = ControllerProcess::start(ns.name());
+    let (client, ns, mut controller) = start_pool_test("crash").await;
     let history = PodHistory::start(&client, ns.name());
     create_pool(&client, ns.name(), &test_pool("jobs", 3, WORKER_V1, 4.0, serde_json::json!({}))).await;
     let old = busy_pods(&client, ns.name(), "jobs", 3).await;
@@ -273,10 +258,7 @@ async fn rollout_survives_a_controller_crash() {
 /// 6. Scale-in from 4 to 2 while busy: the removed workers finish their messages first.
 #[tokio::test]
 async fn scale_in_drains_the_removed_workers() {
-    let client = common::client().await;
-    install_crd(&client).await;
-    let ns = common::TestNamespace::create(&client, "scalein").await;
-    let _controller = ControllerProcess::start(ns.name());
+    let (client, ns, _controller) = start_pool_test("scalein").await;
     let history = PodHistory::start(&client, ns.name());
     create_pool(&client, ns.name(), &test_pool("bulk", 4, WORKER_V1, 5.0, serde_json::json!({}))).await;
     let all = busy_pods(&client, ns.name(), "bulk", 4).await;

@@ -38,6 +38,16 @@ pub async fn install_crd(client: &Client) {
     panic!("the WorkerPool CRD was not Established within 10 s");
 }
 
+/// What a pool test starts with: a client, the CRD, a namespace of its own, and a controller
+/// watching only that namespace (stopped when dropped).
+pub async fn start_pool_test(name: &str) -> (Client, crate::common::TestNamespace, ControllerProcess) {
+    let client = crate::common::client().await;
+    install_crd(&client).await;
+    let ns = crate::common::TestNamespace::create(&client, name).await;
+    let controller = ControllerProcess::start(ns.name());
+    (client, ns, controller)
+}
+
 /// The controller binary, run as a process scoped to one namespace; killed (by its pid) on drop.
 pub struct ControllerProcess {
     child: Child,
