@@ -91,3 +91,23 @@ async fn stop_workers_restarts_consumers_in_place_after_their_message() {
     }
     ns.delete().await;
 }
+
+/// `memory: auto` is resolved by the agent from the container's real memory limit (cgroup).
+#[tokio::test]
+async fn memory_auto_is_a_share_of_the_container_limit() {
+    let (client, ns, _controller) = start_pool_test("memauto").await;
+    let mut pool =
+        test_pool("auto", 1, WORKER_V1, 1.0, serde_json::json!({"consumer": {"limits": {"memory": "auto"}}}));
+    let container = &mut pool.spec.template.spec.as_mut().unwrap().containers[0];
+    container.resources = Some(serde_json::from_value(serde_json::json!({"limits": {"memory": "256Mi"}})).unwrap());
+    create_pool(&client, ns.name(), &pool).await;
+    let pod = running(&client, ns.name(), "auto", 1).await.remove(0);
+    let name = pod.name_any();
+    let argv = common::wait_for(MINUTE, "the argv line", || async {
+        logs(&client, ns.name(), &name).await.lines().find(|l| l.starts_with("argv:")).map(str::to_string)
+    })
+    .await;
+    // 80 % of 256 MiB, rounded down to whole MiB
+    assert_eq!(argv, "argv: --limit=1000 --memory-limit=204M");
+    ns.delete().await;
+}
