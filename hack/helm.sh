@@ -18,7 +18,18 @@ ensure_venv() {
     flock 9
     [ -f "$VENV/.helm-python-sdk-$SDK_VERSION" ] && exit 0
     echo "[helm] installing helm-python-sdk==$SDK_VERSION into $VENV (once)" >&2
-    "${PYTHON:-python3}" -m venv "$VENV" >&2
+    py=${PYTHON:-python3}
+    if ! "$py" -m venv "$VENV" >&2; then
+      # Debian's python3 needs python3-venv for this
+      if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "[helm] installing python3-venv" >&2
+        rm -rf "$VENV"
+        { apt-get install -y -q python3-venv >&2 || { apt-get update -q >&2 && apt-get install -y -q python3-venv >&2; }; } &&
+          "$py" -m venv "$VENV" >&2
+      else
+        false
+      fi || { echo "[helm] cannot create a virtualenv with $py (Debian: apt-get install python3-venv)" >&2; exit 1; }
+    fi
     "$VENV/bin/pip" install --quiet "helm-python-sdk==$SDK_VERSION" >&2
     "$VENV/bin/python" -c 'import helm_python as h; h.helm_sdk_version()' >&2
     touch "$VENV/.helm-python-sdk-$SDK_VERSION"

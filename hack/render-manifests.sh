@@ -42,6 +42,8 @@ cp "$ROOT/crds/workerpool.yaml" "$tmp/crd.yaml"
 cat >"$tmp/kustomization.yaml" <<YAML
 $HEADER
 # Install: kubectl apply -k deploy/manifests
+# Uninstall the operator: kubectl delete -f deploy/manifests/workerpool-operator.yaml
+#   ("kubectl delete -k" would delete the CRD too, and with it every WorkerPool in the cluster)
 # To watch one namespace only, or change the image, use an overlay, e.g.:
 #   resources: [<path to deploy/manifests>]
 #   images: [{name: workerpool-operator, newName: my-registry/workerpool-operator, newTag: "1.0.0"}]
