@@ -19,9 +19,11 @@ help: ## list the targets
 build: ## cargo build
 	$(CARGO) build
 
-crds: ## regenerate crds/workerpool.yaml from the Rust types
+crds: ## regenerate crds/workerpool.yaml from the Rust types, and its copies in the chart and deploy/manifests
 	$(CARGO) run -q -- crd > crds/workerpool.yaml.tmp
 	mv -f crds/workerpool.yaml.tmp crds/workerpool.yaml
+	cp crds/workerpool.yaml deploy/helm/workerpool-operator/crds/workerpool.yaml
+	hack/render-manifests.sh
 
 tools: ## make sure rustfmt and clippy are installed
 	@for c in rustfmt clippy; do \

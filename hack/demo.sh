@@ -28,7 +28,9 @@ cleanup() {
   fi
   step "cleaning up"
   k delete namespace "$NS" --ignore-not-found --wait=true >/dev/null 2>&1 || true
-  k delete -k "$ROOT/deploy/manifests" --ignore-not-found >/dev/null 2>&1 || true
+  # the operator and its namespace, not the CRD: deleting a CRD deletes every WorkerPool in the cluster
+  k delete -f "$ROOT/deploy/manifests/workerpool-operator.yaml" --ignore-not-found >/dev/null 2>&1 || true
+  k delete -f "$ROOT/deploy/manifests/namespace.yaml" --ignore-not-found >/dev/null 2>&1 || true
   if [ $started_cluster = 1 ]; then "$HACK/cluster.sh" down; fi
   rm -rf "$logdir"
   exit $rc
