@@ -98,18 +98,22 @@ impl Context {
         self.backoff.lock().unwrap().get(key).map(|b| b.until)
     }
 
-    /// A worker pod failed: its replacement waits 5 s, doubling to 5 min, so a broken image never hot-loops.
     fn record_failure(&self, key: &str, now: Timestamp) {
         let mut map = self.backoff.lock().unwrap();
-        let entry = map.entry(key.into()).or_insert(FailureBackoff { failures: 0, until: now });
-        entry.failures += 1;
-        let delay = 5i64.saturating_mul(1 << entry.failures.min(6).saturating_sub(1)).min(300);
-        entry.until = now + SignedDuration::from_secs(delay);
+        let next = next_backoff(map.get(key).copied(), now);
+        map.insert(key.into(), next);
     }
 
     fn healthy(&self, key: &str) {
         self.backoff.lock().unwrap().remove(key);
     }
+}
+
+/// A worker pod failed: its replacement waits 5 s, doubling to 5 min, so a broken image never hot-loops.
+fn next_backoff(previous: Option<FailureBackoff>, now: Timestamp) -> FailureBackoff {
+    let failures = previous.map_or(0, |p| p.failures) + 1;
+    let delay = 5i64.saturating_mul(1 << failures.min(7).saturating_sub(1)).min(300);
+    FailureBackoff { failures, until: now + SignedDuration::from_secs(delay) }
 }
 
 pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
@@ -544,4 +548,23 @@ pub async fn stop_workers(args: StopWorkersArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot write the stop flag {}: {e}", pool.stop_flag_name()))?;
     println!("asked every worker of {namespace}/{} to restart after its current message ({now})", args.pool);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_back_off_doubles_to_five_minutes() {
+        let now = Timestamp::UNIX_EPOCH;
+        let mut state = None;
+        let delays: Vec<i64> = (0..9)
+            .map(|_| {
+                let next = next_backoff(state, now);
+                state = Some(next);
+                next.until.duration_since(now).as_secs()
+            })
+            .collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
 }
