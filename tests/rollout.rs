@@ -292,3 +292,54 @@ async fn scale_in_drains_the_removed_workers() {
     }
     ns.delete().await;
 }
+
+/// A second change during a rollout (the image bumped again before the first finished) rolls
+/// to the newest revision and strands no pod of the middle one.
+#[tokio::test]
+async fn second_change_mid_rollout_rolls_to_the_newest() {
+    let (client, ns, _controller) = start_pool_test("twice").await;
+    let history = PodHistory::start(&client, ns.name());
+    create_pool(&client, ns.name(), &test_pool("twice", 2, WORKER_V1, 5.0, serde_json::json!({}))).await;
+    busy_pods(&client, ns.name(), "twice", 2).await;
+    patch_spec(&client, ns.name(), "twice", bump_image(WORKER_V2)).await;
+    let middle = common::wait_for(MINUTE, "the middle revision", || async {
+        let status = get_pool(&client, ns.name(), "twice").await.status?;
+        (status.observed_generation == Some(2)).then_some(status.update_revision?)
+    })
+    .await;
+    // Bump again once a middle-revision worker is busy with a message.
+    common::wait_for(2 * MINUTE, "a busy middle-revision worker", || async {
+        for pod in pool_pods(&client, ns.name(), "twice").await {
+            if revision_of(&pod) == middle
+                && logs(&client, ns.name(), &pod.name_any()).await.contains("message 1 start")
+            {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    let mut third = bump_image(WORKER_V1);
+    third["template"]["spec"]["containers"][0]["env"][0]["value"] = "4".into();
+    patch_spec(&client, ns.name(), "twice", third).await;
+
+    let pool = wait_rollout_complete(&client, ns.name(), "twice", 3 * MINUTE).await;
+    let newest = pool.status.unwrap().update_revision.unwrap();
+    assert_ne!(newest, middle);
+    let left: Vec<Pod> = pool_pods(&client, ns.name(), "twice").await;
+    assert_eq!(left.len(), 2, "{:?}", left.iter().map(|p| p.name_any()).collect::<Vec<_>>());
+    assert!(left.iter().all(|p| revision_of(p) == newest && is_running_and_ready(p)));
+    let mut middle_seen = 0;
+    for (pod, record) in history.snapshot() {
+        assert!(!record.deleted_while_running, "{pod} was deleted while working: {record:?}");
+        if record.revision == middle {
+            middle_seen += 1;
+            assert!(
+                record.phases.contains(&"Succeeded".to_string()),
+                "middle-revision {pod} did not drain: {record:?}"
+            );
+        }
+    }
+    assert!(middle_seen > 0, "no middle-revision pod ever ran");
+    ns.delete().await;
+}
