@@ -477,8 +477,8 @@ rollout '[{"op": "replace", "path": "/spec/template/spec/containers/0/env/0/valu
 rollout '[{"op": "replace", "path": "/spec/rollout/drainTimeoutSeconds", "value": 2},
           {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "MARKER", "value": "v3"}}]' \
   "workers busy past drainTimeoutSeconds 2 are deleted"
-k get events -n "$TEST_NS" --field-selector reason=DrainTimeout -o name | grep -q . ||
-  fail "no DrainTimeout Event after workers were deleted past the drain timeout"
+drain_timeout_event() { k get events -n "$TEST_NS" --field-selector reason=DrainTimeout -o name | grep -q .; }
+wait_for "a DrainTimeout Event after workers were deleted past the drain timeout" 30 drain_timeout_event
 wait_metrics "$new_leader" 2 after-rollouts
 log "new leader /metrics: every workerpool_* series present:"
 grep -E '^workerpool_[a-z_]+(\{[^}]*\})? ' "$WORK/metrics.txt" | grep -v '_bucket' | sed 's/^/  /' >&2
