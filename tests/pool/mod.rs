@@ -51,12 +51,13 @@ pub async fn start_pool_test(name: &str) -> (Client, crate::common::TestNamespac
 /// The controller binary, run as a process scoped to one namespace; killed (by its pid) on drop.
 pub struct ControllerProcess {
     child: Child,
+    log: std::path::PathBuf,
 }
 
 impl ControllerProcess {
     pub fn start(namespace: &str) -> Self {
-        let log = std::fs::File::create(format!("{}/controller-{namespace}.log", std::env::temp_dir().display()))
-            .expect("controller log file");
+        let log_path = std::env::temp_dir().join(format!("controller-{namespace}.log"));
+        let log = std::fs::File::create(&log_path).expect("controller log file");
         let child = Command::new(env!("CARGO_BIN_EXE_workerpool"))
             .args(["controller", "--namespace", namespace, "--agent-image", AGENT_IMAGE])
             .env("WORKERPOOL_LOG", "info,kube=warn")
@@ -64,7 +65,7 @@ impl ControllerProcess {
             .stderr(log)
             .spawn()
             .expect("start the controller");
-        Self { child }
+        Self { child, log: log_path }
     }
 
     /// Kills the controller at once (SIGKILL), as a crash would.
@@ -75,8 +76,14 @@ impl ControllerProcess {
 }
 
 impl Drop for ControllerProcess {
+    /// Stops the controller; its log is kept only when the test failed.
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            eprintln!("controller log: {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
