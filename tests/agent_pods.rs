@@ -6,7 +6,7 @@ mod pool;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use pool::*;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -18,14 +18,6 @@ fn restart_count(pod: &Pod) -> i32 {
         .map_or(0, |c| c.iter().map(|c| c.restart_count).sum())
 }
 
-async fn running(client: &Client, ns: &str, pool: &str, n: usize) -> Vec<Pod> {
-    common::wait_for(3 * MINUTE, &format!("{n} running workers"), || async {
-        let pods: Vec<Pod> = pool_pods(client, ns, pool).await.into_iter().filter(is_running_and_ready).collect();
-        (pods.len() == n).then_some(pods)
-    })
-    .await
-}
-
 /// A worker that exits 0 after every message (`--limit=1`, 1 s each) keeps running for a
 /// minute in the same container: restartCount stays 0 and the consumer ran ≥ 40 times.
 #[tokio::test]
@@ -33,7 +25,7 @@ async fn clean_exits_are_restarted_at_once_without_back_off() {
     let (client, ns, _controller) = start_pool_test("recycle").await;
     let limits = serde_json::json!({"consumer": {"limits": {"messages": 1}}});
     create_pool(&client, ns.name(), &test_pool("ticks", 1, WORKER_V1, 1.0, limits)).await;
-    let pod = running(&client, ns.name(), "ticks", 1).await.remove(0);
+    let pod = wait_running(&client, ns.name(), "ticks", 1).await.remove(0);
     tokio::time::sleep(MINUTE).await;
 
     let pods = pool_pods(&client, ns.name(), "ticks").await;
@@ -52,7 +44,7 @@ async fn clean_exits_are_restarted_at_once_without_back_off() {
 async fn stop_workers_restarts_consumers_in_place_after_their_message() {
     let (client, ns, _controller) = start_pool_test("stopworkers").await;
     create_pool(&client, ns.name(), &test_pool("emails", 2, WORKER_V1, 3.0, serde_json::json!({}))).await;
-    let before = running(&client, ns.name(), "emails", 2).await;
+    let before = wait_running(&client, ns.name(), "emails", 2).await;
     for pod in &before {
         let name = pod.name_any();
         common::wait_for(MINUTE, "a first message", || async {
@@ -101,7 +93,7 @@ async fn memory_auto_is_a_share_of_the_container_limit() {
     let container = &mut pool.spec.template.spec.as_mut().unwrap().containers[0];
     container.resources = Some(serde_json::from_value(serde_json::json!({"limits": {"memory": "256Mi"}})).unwrap());
     create_pool(&client, ns.name(), &pool).await;
-    let pod = running(&client, ns.name(), "auto", 1).await.remove(0);
+    let pod = wait_running(&client, ns.name(), "auto", 1).await.remove(0);
     let name = pod.name_any();
     let argv = common::wait_for(MINUTE, "the argv line", || async {
         logs(&client, ns.name(), &name).await.lines().find(|l| l.starts_with("argv:")).map(str::to_string)

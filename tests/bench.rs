@@ -205,20 +205,7 @@ async fn ready_workers(client: &Client, ns: &str, starts: usize) -> Vec<String> 
 async fn rollout_overhead_pool_of_ten() {
     let (client, ns, _controller) = start_pool_test("bench-rollout").await;
     create_pool(&client, ns.name(), &test_pool("ten", 10, WORKER_V1, 8.0, serde_json::json!({}))).await;
-    let old: Vec<String> = common::wait_for(3 * MINUTE, "10 busy workers", || async {
-        let pods: Vec<Pod> =
-            pool_pods(&client, ns.name(), "ten").await.into_iter().filter(is_running_and_ready).collect();
-        if pods.len() != 10 {
-            return None;
-        }
-        for p in &pods {
-            if !logs(&client, ns.name(), &p.name_any()).await.contains("message 1 start") {
-                return None;
-            }
-        }
-        Some(pods.iter().map(|p| p.name_any()).collect())
-    })
-    .await;
+    let old = wait_busy(&client, ns.name(), "ten", 10).await;
     let followers: Vec<_> = old.iter().map(|p| follow_logs(&client, ns.name(), p)).collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let bumped = Timestamp::now();

@@ -14,12 +14,6 @@ use workerpool::api::WorkerPool;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-async fn running_pods(client: &kube::Client, ns: &str, pool: &str, n: usize) -> Option<Vec<Pod>> {
-    let pods: Vec<Pod> = pool_pods(client, ns, pool).await.into_iter().filter(is_running_and_ready).collect();
-    let all = pool_pods(client, ns, pool).await.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).count();
-    (pods.len() == n && all == n).then_some(pods)
-}
-
 #[tokio::test]
 async fn pool_runs_workers_with_limit_arguments_and_follows_scale() {
     let (client, ns, _controller) = start_pool_test("scale").await;
@@ -28,8 +22,7 @@ async fn pool_runs_workers_with_limit_arguments_and_follows_scale() {
     }}});
     create_pool(&client, ns.name(), &test_pool("emails", 2, WORKER_V1, 0.5, limits)).await;
 
-    let pods =
-        common::wait_for(2 * MINUTE, "2 running worker pods", || running_pods(&client, ns.name(), "emails", 2)).await;
+    let pods = wait_running(&client, ns.name(), "emails", 2).await;
     for pod in &pods {
         let name = pod.name_any();
         let line = common::wait_for(MINUTE, "the worker's argv line", || async {

@@ -15,23 +15,6 @@ use workerpool::api::WorkerPool;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// Waits for `n` running, ready pods that have each started a message; returns their names.
-async fn busy_pods(client: &Client, ns: &str, pool: &str, n: usize) -> Vec<String> {
-    common::wait_for(3 * MINUTE, &format!("{n} busy workers of {pool}"), || async {
-        let pods: Vec<Pod> = pool_pods(client, ns, pool).await.into_iter().filter(is_running_and_ready).collect();
-        if pods.len() != n {
-            return None;
-        }
-        for pod in &pods {
-            if !logs(client, ns, &pod.name_any()).await.contains("message 1 start") {
-                return None;
-            }
-        }
-        Some(pods.iter().map(|p| p.name_any()).collect())
-    })
-    .await
-}
-
 fn bump_image(image: &str) -> serde_json::Value {
     // A merge patch replaces the whole containers list: send the full container.
     serde_json::json!({"template": {"spec": {"containers": [{
@@ -80,7 +63,7 @@ async fn image_bump_drains_every_worker_after_its_message() {
     let (client, ns, _controller) = start_pool_test("bump").await;
     let history = PodHistory::start(&client, ns.name());
     create_pool(&client, ns.name(), &test_pool("emails", 3, WORKER_V1, 5.0, serde_json::json!({}))).await;
-    let old = busy_pods(&client, ns.name(), "emails", 3).await;
+    let old = wait_busy(&client, ns.name(), "emails", 3).await;
     let old_revision = get_pool(&client, ns.name(), "emails").await.status.unwrap().update_revision.unwrap();
     let followers = follow_all(&client, ns.name(), &old);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -125,7 +108,7 @@ async fn drain_timeout_deletes_a_busy_worker_with_an_event() {
     let history = PodHistory::start(&client, ns.name());
     let rollout = serde_json::json!({"rollout": {"drainTimeoutSeconds": 5}});
     create_pool(&client, ns.name(), &test_pool("slow", 1, WORKER_V1, 60.0, rollout)).await;
-    let old = busy_pods(&client, ns.name(), "slow", 1).await;
+    let old = wait_busy(&client, ns.name(), "slow", 1).await;
     let mut spec = bump_image(WORKER_V2);
     spec["template"]["spec"]["containers"][0]["env"][0]["value"] = "60".into();
     let bumped = std::time::Instant::now();
@@ -156,7 +139,7 @@ async fn recreate_never_runs_two_versions_at_once() {
     let (client, ns, _controller) = start_pool_test("recreate").await;
     let strategy = serde_json::json!({"rollout": {"strategy": "Recreate"}});
     create_pool(&client, ns.name(), &test_pool("orders", 2, WORKER_V1, 5.0, strategy)).await;
-    let old = busy_pods(&client, ns.name(), "orders", 2).await;
+    let old = wait_busy(&client, ns.name(), "orders", 2).await;
     let followers = follow_all(&client, ns.name(), &old);
     tokio::time::sleep(Duration::from_millis(500)).await;
     patch_spec(&client, ns.name(), "orders", bump_image(WORKER_V2)).await;
@@ -191,7 +174,7 @@ async fn surge_keeps_every_slot_ready() {
     let (client, ns, _controller) = start_pool_test("surge").await;
     let strategy = serde_json::json!({"rollout": {"strategy": "Surge", "maxSurge": 1}});
     create_pool(&client, ns.name(), &test_pool("mail", 2, WORKER_V1, 2.0, strategy)).await;
-    busy_pods(&client, ns.name(), "mail", 2).await;
+    wait_busy(&client, ns.name(), "mail", 2).await;
     let mut spec = bump_image(WORKER_V2);
     spec["template"]["spec"]["containers"][0]["env"][0]["value"] = "2".into();
     patch_spec(&client, ns.name(), "mail", spec).await;
@@ -221,7 +204,7 @@ async fn rollout_survives_a_controller_crash() {
     let (client, ns, mut controller) = start_pool_test("crash").await;
     let history = PodHistory::start(&client, ns.name());
     create_pool(&client, ns.name(), &test_pool("jobs", 3, WORKER_V1, 4.0, serde_json::json!({}))).await;
-    let old = busy_pods(&client, ns.name(), "jobs", 3).await;
+    let old = wait_busy(&client, ns.name(), "jobs", 3).await;
     let mut spec = bump_image(WORKER_V2);
     spec["template"]["spec"]["containers"][0]["env"][0]["value"] = "4".into();
     patch_spec(&client, ns.name(), "jobs", spec).await;
@@ -261,22 +244,14 @@ async fn scale_in_drains_the_removed_workers() {
     let (client, ns, _controller) = start_pool_test("scalein").await;
     let history = PodHistory::start(&client, ns.name());
     create_pool(&client, ns.name(), &test_pool("bulk", 4, WORKER_V1, 5.0, serde_json::json!({}))).await;
-    let all = busy_pods(&client, ns.name(), "bulk", 4).await;
+    let all = wait_busy(&client, ns.name(), "bulk", 4).await;
     let followers = follow_all(&client, ns.name(), &all);
     tokio::time::sleep(Duration::from_millis(500)).await;
     Api::<WorkerPool>::namespaced(client.clone(), ns.name())
         .patch_scale("bulk", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": 2}})))
         .await
         .expect("scale in");
-    common::wait_for(2 * MINUTE, "2 workers left", || async {
-        let left: Vec<Pod> = pool_pods(&client, ns.name(), "bulk")
-            .await
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .collect();
-        (left.len() == 2 && left.iter().all(is_running_and_ready)).then_some(())
-    })
-    .await;
+    common::wait_for(2 * MINUTE, "2 workers left", || running_pods(&client, ns.name(), "bulk", 2)).await;
     let remaining: Vec<String> = pool_pods(&client, ns.name(), "bulk").await.iter().map(|p| p.name_any()).collect();
     let removed: Vec<&String> = all.iter().filter(|p| !remaining.contains(p)).collect();
     assert_eq!(removed.len(), 2, "removed {removed:?}");
@@ -300,7 +275,7 @@ async fn second_change_mid_rollout_rolls_to_the_newest() {
     let (client, ns, _controller) = start_pool_test("twice").await;
     let history = PodHistory::start(&client, ns.name());
     create_pool(&client, ns.name(), &test_pool("twice", 2, WORKER_V1, 5.0, serde_json::json!({}))).await;
-    busy_pods(&client, ns.name(), "twice", 2).await;
+    wait_busy(&client, ns.name(), "twice", 2).await;
     patch_spec(&client, ns.name(), "twice", bump_image(WORKER_V2)).await;
     let middle = common::wait_for(MINUTE, "the middle revision", || async {
         let status = get_pool(&client, ns.name(), "twice").await.status?;

@@ -159,6 +159,38 @@ pub fn is_running_and_ready(pod: &Pod) -> bool {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Exactly `n` live pods in the pool, all running and ready.
+pub async fn running_pods(client: &Client, namespace: &str, pool: &str, n: usize) -> Option<Vec<Pod>> {
+    let live: Vec<Pod> = pool_pods(client, namespace, pool)
+        .await
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    (live.len() == n && live.iter().all(is_running_and_ready)).then_some(live)
+}
+
+/// Waits for `n` running, ready pods (and no other live ones); returns them.
+pub async fn wait_running(client: &Client, namespace: &str, pool: &str, n: usize) -> Vec<Pod> {
+    let what = format!("{n} running workers of {pool}");
+    crate::common::wait_for(std::time::Duration::from_secs(180), &what, || running_pods(client, namespace, pool, n))
+        .await
+}
+
+/// Waits for `n` running workers that have each started a message; returns their names.
+pub async fn wait_busy(client: &Client, namespace: &str, pool: &str, n: usize) -> Vec<String> {
+    let what = format!("{n} busy workers of {pool}");
+    crate::common::wait_for(std::time::Duration::from_secs(180), &what, || async {
+        let pods = running_pods(client, namespace, pool, n).await?;
+        for pod in &pods {
+            if !logs(client, namespace, &pod.name_any()).await.contains("message 1 start") {
+                return None;
+            }
+        }
+        Some(pods.iter().map(|p| p.name_any()).collect())
+    })
+    .await
+}
+
 pub fn revision_of(pod: &Pod) -> String {
     pod.labels().get(labels::REVISION).cloned().unwrap_or_default()
 }
